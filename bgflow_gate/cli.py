@@ -1,0 +1,125 @@
+"""The ``bgflow-gate`` command.
+
+Sub-commands
+------------
+schedule
+    Print an E_max schedule as a table: the default, an experiment's from the
+    experiments file, or one given by options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from .config import DEFAULT_CONFIG, ConfigError, experiment_schedule
+from .schedules import SCHEDULE_TYPES, schedule_from_dict
+from .units import kt_in_kjmol
+
+__all__ = ["main", "build_parser"]
+
+# option name -> schedule argument
+_SCHEDULE_OPTIONS = {
+    "e_initial": "--e-initial",
+    "e_final": "--e-final",
+    "hold_epochs": "--hold-epochs",
+    "warmup_epochs": "--warmup-epochs",
+    "epochs": "--epochs",
+    "value": "--value",
+}
+
+
+def _epoch_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epochs such as 0,50,175,300; got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgflow-gate",
+        description="Epoch-scheduled energy gating for bgflow Boltzmann generators.",
+    )
+    parser.add_argument("--version", action="version", version=f"bgflow-gate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sched = sub.add_parser(
+        "schedule",
+        help="print an E_max schedule as a table",
+        description=(
+            "Print an E_max schedule: its stages and E_max (kJ/mol) at chosen epochs. "
+            "Without options: the default three-stage schedule. Options override the "
+            "values of the experiment's (or the default) schedule."
+        ),
+    )
+    sched.add_argument("--experiment", help="take the schedule of this experiment")
+    sched.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="experiments file for --experiment (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--type", choices=sorted(SCHEDULE_TYPES), help="schedule type (default: three_stage)"
+    )
+    sched.add_argument("--e-initial", type=float, help="E_max at the start, kJ/mol")
+    sched.add_argument("--e-final", type=float, help="E_max at the end, kJ/mol")
+    sched.add_argument("--hold-epochs", type=float, help="three_stage: end of stage 1")
+    sched.add_argument("--warmup-epochs", type=float, help="three_stage: end of stage 2")
+    sched.add_argument("--epochs", type=float, help="linear: length of the descent")
+    sched.add_argument("--value", type=float, help="constant: E_max, kJ/mol")
+    sched.add_argument(
+        "--at", type=_epoch_list, help="epochs to tabulate, comma-separated (default: stage boundaries and 25/50/75 %%)"
+    )
+    sched.add_argument("--temperature", type=float, help="also show E_max in kT at this temperature (K)")
+    sched.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sched.set_defaults(func=_cmd_schedule)
+    return parser
+
+
+def _cmd_schedule(args: argparse.Namespace) -> str:
+    if args.experiment:
+        base = experiment_schedule(args.config, args.experiment).to_dict()
+    else:
+        base = {"type": "three_stage"}
+    if args.type and args.type != base["type"]:
+        base = {"type": args.type}
+    for key, option in _SCHEDULE_OPTIONS.items():
+        value = getattr(args, key)
+        if value is not None:
+            if key not in SCHEDULE_TYPES[base["type"]]._params:
+                raise ValueError(f"{option} does not apply to a {base['type']} schedule")
+            base[key] = value
+    schedule = schedule_from_dict(base)
+    epochs = args.at if args.at is not None else schedule.default_epochs()
+    if args.temperature is not None:
+        kt_in_kjmol(args.temperature)  # validates
+    if not args.json:
+        return schedule.describe(epochs, temperature=args.temperature)
+    rows = []
+    for e in epochs:
+        row = {"epoch": e, "stage": schedule.stage_of(e), "e_max_kjmol": schedule(e)}
+        if args.temperature is not None:
+            row["e_max_kt"] = schedule(e) / kt_in_kjmol(args.temperature)
+        rows.append(row)
+    return json.dumps({"schedule": schedule.to_dict(), "table": rows}, indent=2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        print(args.func(args))
+    except (ConfigError, ValueError) as err:
+        parser.exit(2, f"bgflow-gate {args.command}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

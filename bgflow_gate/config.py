@@ -1,0 +1,112 @@
+"""Experiments in YAML: load a file, validate an experiment's settings, fill in defaults.
+
+An experiments file maps experiment names to settings. This version reads the ``gate``
+section; every error names the file, the experiment and the key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from .schedules import Schedule, schedule_from_dict
+from .units import check_temperature, parse_unit
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_CONFIG",
+    "GATE_DEFAULTS",
+    "load_experiments",
+    "gate_settings",
+    "experiment_schedule",
+]
+
+#: The experiments file the command line reads unless told otherwise.
+DEFAULT_CONFIG = Path("configs") / "experiments.yaml"
+
+#: Defaults of the ``gate`` section (the schedule's own defaults fill its arguments).
+GATE_DEFAULTS: dict[str, Any] = {
+    "e_cut": 500.0,
+    "target_unit": "kJ/mol",
+    "temperature": None,
+    "adaptive_quantile": None,
+    "schedule": {"type": "three_stage"},
+}
+
+
+class ConfigError(ValueError):
+    """An experiments file or one of its settings is invalid; the message names where."""
+
+
+def load_experiments(path: Union[str, Path]) -> dict[str, dict]:
+    """Read an experiments file: a mapping of experiment names to mappings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiments file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{path} must map experiment names to their settings")
+    for name, settings in data.items():
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{path}: experiment {name!r} must be a mapping of settings")
+    return {str(k): dict(v) for k, v in data.items()}
+
+
+def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str = "") -> dict[str, Any]:
+    """The validated ``gate`` section of experiment ``name``, defaults filled in.
+
+    The ``schedule`` entry of the result is a :class:`~bgflow_gate.schedules.Schedule`;
+    the other keys are the keyword arguments of :class:`~bgflow_gate.ScheduledEnergyGate`.
+    """
+    where = f"{source}: " if source else ""
+    if name not in experiments:
+        raise ConfigError(
+            f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}"
+        )
+    section = experiments[name].get("gate", {}) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}{name}.gate must be a mapping")
+    unknown = set(section) - set(GATE_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"{where}unknown key(s) {', '.join(f'{name}.gate.{k}' for k in sorted(unknown))}; "
+            f"accepted: {', '.join(GATE_DEFAULTS)}"
+        )
+    merged = {**GATE_DEFAULTS, **section}
+    out: dict[str, Any] = {}
+    try:
+        out["e_cut"] = float(merged["e_cut"])
+        if not math.isfinite(out["e_cut"]):
+            raise ValueError("must be finite")
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}{name}.gate.e_cut must be a finite energy in kJ/mol, got {merged['e_cut']!r}") from None
+    for key, check in (
+        ("target_unit", lambda v: parse_unit(v, name="target_unit")),
+        ("temperature", lambda v: None if v is None else check_temperature(v)),
+    ):
+        try:
+            out[key] = check(merged[key])
+        except ValueError as err:
+            raise ConfigError(f"{where}{name}.gate.{key}: {err}") from None
+    q = merged["adaptive_quantile"]
+    if q is not None and not (isinstance(q, (int, float)) and 0 < q < 1):
+        raise ConfigError(f"{where}{name}.gate.adaptive_quantile must be null or lie in (0, 1), got {q!r}")
+    out["adaptive_quantile"] = q
+    try:
+        out["schedule"] = schedule_from_dict(merged["schedule"])
+    except ValueError as err:
+        raise ConfigError(f"{where}{name}.gate.schedule: {err}") from None
+    if out["target_unit"] == "kT" and out["temperature"] is None:
+        raise ConfigError(f"{where}{name}.gate: target_unit 'kT' needs gate.temperature (K)")
+    return out
+
+
+def experiment_schedule(path: Union[str, Path], name: str) -> Schedule:
+    """The schedule of experiment ``name`` in the file at ``path``."""
+    return gate_settings(load_experiments(path), name, source=str(path))["schedule"]

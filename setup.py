@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bgflow-gate",
+    version="0.1.0",
+    description="Epoch-scheduled energy gating for training Boltzmann generators with bgflow",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bgflow_gate", "bgflow_gate.*"]),
+    install_requires=[
+        "torch>=2.1,<3",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["bgflow-gate=bgflow_gate.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Chemistry",
+    ],
+)
