@@ -255,8 +255,11 @@ class ScheduledEnergyGate(bg.Energy):
 
     # -- evaluation --------------------------------------------------------------------
 
-    def _evaluate(self, xs: Sequence[torch.Tensor], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target energies ``[m, 1]`` and a bool ``[m]`` marking samples the target raised for.
+    def _evaluate(
+        self, xs: Sequence[torch.Tensor], kwargs: dict
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Target energies ``[m, 1]`` and a bool ``[m]`` marking the samples the target raised
+        for (``None`` when it raised for none).
 
         A batch the target raises for is split in halves until the failing samples are
         isolated, so the rest keep their energies.
@@ -277,17 +280,19 @@ class ScheduledEnergyGate(bg.Energy):
                 nan = torch.full((1, 1), math.nan, dtype=xs[0].dtype, device=xs[0].device)
                 return nan, torch.ones(1, dtype=torch.bool, device=xs[0].device)
             half = m // 2
-            first = self._evaluate([x[:half] for x in xs], kwargs)
-            second = self._evaluate([x[half:] for x in xs], kwargs)
-            return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+            parts = [self._evaluate([x[:half] for x in xs], kwargs), self._evaluate([x[half:] for x in xs], kwargs)]
+            errors = [
+                e if e is not None else torch.zeros(len(r), dtype=torch.bool, device=r.device)
+                for r, e in parts
+            ]
+            return torch.cat([r for r, _ in parts]), torch.cat(errors)
         if not isinstance(energy, torch.Tensor) or tuple(energy.shape) != (m, 1):
             shape = tuple(energy.shape) if isinstance(energy, torch.Tensor) else type(energy).__name__
             raise ValueError(
                 f"the target's energy() returned {shape} for a batch of {m}; a bgflow "
                 f"energy returns shape [batch, 1] = ({m}, 1)"
             )
-        energy = energy.to(device=xs[0].device, dtype=xs[0].dtype)
-        return energy, torch.zeros(m, dtype=torch.bool, device=xs[0].device)
+        return energy.to(device=xs[0].device, dtype=xs[0].dtype), None
 
     def _energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:
         first = xs[0]
@@ -298,41 +303,42 @@ class ScheduledEnergyGate(bg.Energy):
         n = flat[0].shape[0]
         device, dtype = first.device, first.dtype
 
+        # The gradient guard is only needed when a gradient can flow back to the inputs.
         gated_box: list = []
-        guarded = _GateGradient.apply(gated_box, *flat)
-        finite_coords = torch.stack(
-            [torch.isfinite(x.detach()).reshape(n, -1).all(1) for x in flat]
-        ).all(0)
-        if n == 0 or bool(finite_coords.all()):  # the one host read per call
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in flat)
+        guarded = _GateGradient.apply(gated_box, *flat) if needs_grad else flat
+        # x * 0 is 0 for finite x and NaN for NaN / inf, so a sum of x * 0 is 0 iff all is finite
+        all_finite = n == 0 or bool(sum((x.detach() * 0).sum() for x in flat) == 0)  # the one host read
+        if all_finite:
             raw, errors = self._evaluate(guarded, kwargs)
         else:
+            finite_coords = sum((x.detach() * 0).reshape(n, -1).sum(1) for x in flat) == 0
             idx = torch.nonzero(finite_coords).squeeze(1)
             raw = torch.full((n, 1), math.nan, dtype=dtype, device=device)
-            errors = torch.zeros(n, dtype=torch.bool, device=device)
+            errors = None
             if idx.numel():
                 sub, sub_errors = self._evaluate([x.index_select(0, idx) for x in guarded], kwargs)
                 raw = raw.index_copy(0, idx, sub)
-                errors = errors.index_copy(0, idx, sub_errors)
+                if sub_errors is not None:
+                    errors = torch.zeros(n, dtype=torch.bool, device=device).index_copy(0, idx, sub_errors)
         u = raw[:, 0]
 
         e_max = self.e_max / self._unit_in_kjmol
         e_cut = self.e_cut / self._unit_in_kjmol
-        finite_energy = torch.isfinite(u)
-        over = finite_energy & (u > e_max)
-        gated = over | ~finite_energy
+        over = u > e_max  # False for NaN
+        finite = (u.detach() * 0) == 0
+        reasons = torch.where(finite, over.to(torch.uint8), int(GateReason.NONFINITE_ENERGY))
+        if not all_finite:
+            reasons = torch.where(finite_coords, reasons, int(GateReason.NONFINITE_COORDINATES))
+        if errors is not None:
+            reasons = torch.where(errors, int(GateReason.TARGET_ERROR), reasons)
+        gated = reasons.bool()
         gated_box.append(gated)
 
-        reasons = torch.zeros(n, dtype=torch.uint8, device=device)
-        reasons = torch.where(over, int(GateReason.OVER_E_MAX), reasons)
-        reasons = torch.where(~finite_energy, int(GateReason.NONFINITE_ENERGY), reasons)
-        reasons = torch.where(~finite_coords, int(GateReason.NONFINITE_COORDINATES), reasons)
-        reasons = torch.where(errors, int(GateReason.TARGET_ERROR), reasons).to(torch.uint8)
+        safe = torch.where(gated, 0.0, u)  # no NaN or inf reaches any backward
+        out = torch.where(gated, _soft_cut_value(e_max, e_cut), soft_cut(safe, e_cut))
 
-        safe = torch.where(gated, torch.zeros_like(u), u)  # no NaN reaches any backward
-        kept = soft_cut(safe, e_cut)
-        out = torch.where(gated, torch.full_like(u, _soft_cut_value(e_max, e_cut)), kept)
-
-        self._stats["epoch"].update(u.detach() * self._unit_in_kjmol, reasons)
+        self._stats["epoch"].update(u.detach(), reasons, scale=self._unit_in_kjmol)
         self.last_gated = gated.reshape(batch_shape)
         self.last_reasons = reasons.reshape(batch_shape)
         self.last_raw = raw.detach().reshape(*batch_shape, 1)

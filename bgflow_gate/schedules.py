@@ -18,7 +18,9 @@ round-trips through a plain dict (``to_dict`` / :func:`schedule_from_dict`) and 
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from typing import Any, Iterable, Mapping, Optional
 
 from .units import kt_in_kjmol
@@ -217,8 +219,11 @@ class ThreeStageSchedule(Schedule):
         if epoch >= self.warmup_epochs:
             return self.e_final
         p = (epoch - self.hold_epochs) / (self.warmup_epochs - self.hold_epochs)
+        if p == 0.0:
+            return self.e_initial
         log_e = math.log(self.e_initial) + p * (math.log(self.e_final) - math.log(self.e_initial))
-        return math.exp(log_e)
+        # exp(log(.)) may round past the ends; keep the schedule within [e_final, e_initial]
+        return min(max(math.exp(log_e), self.e_final), self.e_initial)
 
     def stages(self) -> list[tuple[str, float, float, str]]:
         return [
@@ -348,6 +353,13 @@ def schedule_from_dict(config: Mapping[str, Any]) -> Schedule:
             f"unknown key(s) for a {kind} schedule: {', '.join(sorted(unknown))}; "
             f"accepted: {', '.join(cls._params)}"
         )
+    required = [
+        name
+        for name, param in inspect.signature(cls).parameters.items()
+        if param.default is inspect.Parameter.empty and name not in args
+    ]
+    if required:
+        raise ValueError(f"a {kind} schedule needs {', '.join(required)}")
     return cls(**args)
 
 
@@ -360,8 +372,8 @@ def as_schedule(schedule: Any) -> Schedule:
         return schedule
     if isinstance(schedule, Mapping):
         return schedule_from_dict(schedule)
-    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-        return ConstantSchedule(schedule)
+    if isinstance(schedule, numbers.Real) and not isinstance(schedule, bool):
+        return ConstantSchedule(float(schedule))
     raise TypeError(
         f"schedule must be a Schedule, a dict with a 'type' key, a number (constant E_max "
         f"in kJ/mol) or None, got {type(schedule).__name__}"
