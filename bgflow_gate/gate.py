@@ -18,6 +18,7 @@ energies are in kT), so the gate can replace the target of a ``BoltzmannGenerato
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -180,9 +181,24 @@ class ScheduledEnergyGate(bg.Energy):
         self._floor: Optional[float] = None  # adaptive lower bound on E_max, kJ/mol
         self._stats = {w: EnergyStatistics() for w in _WINDOWS}
         self._warned_target_error = False
-        self.last_gated: Optional[torch.Tensor] = None
-        self.last_reasons: Optional[torch.Tensor] = None
-        self.last_raw: Optional[torch.Tensor] = None
+        # the last call's results; a plain holder, so that storing them per call does not
+        # go through nn.Module.__setattr__
+        self._last = types.SimpleNamespace(gated=None, reasons=None, raw=None)
+
+    @property
+    def last_gated(self) -> Optional[torch.Tensor]:
+        """Bool ``[*batch]``: which samples of the last call were gated."""
+        return self._last.gated
+
+    @property
+    def last_reasons(self) -> Optional[torch.Tensor]:
+        """uint8 ``[*batch]``: the :class:`GateReason` code of each sample of the last call."""
+        return self._last.reasons
+
+    @property
+    def last_raw(self) -> Optional[torch.Tensor]:
+        """``[*batch, 1]``: the last call's raw energies in the target's unit (NaN where not evaluated)."""
+        return self._last.raw
 
     # -- schedule ----------------------------------------------------------------------
 
@@ -339,9 +355,10 @@ class ScheduledEnergyGate(bg.Energy):
         out = torch.where(gated, _soft_cut_value(e_max, e_cut), soft_cut(safe, e_cut))
 
         self._stats["epoch"].update(u.detach(), reasons, scale=self._unit_in_kjmol)
-        self.last_gated = gated.reshape(batch_shape)
-        self.last_reasons = reasons.reshape(batch_shape)
-        self.last_raw = raw.detach().reshape(*batch_shape, 1)
+        last = self._last
+        last.gated = gated.reshape(batch_shape)
+        last.reasons = reasons.reshape(batch_shape)
+        last.raw = raw.detach().reshape(*batch_shape, 1)
         return out.reshape(*batch_shape, 1)
 
     # -- statistics --------------------------------------------------------------------
