@@ -13,6 +13,7 @@ setup(
     packages=find_packages(include=["bgflow_gate", "bgflow_gate.*"]),
     install_requires=[
         "torch>=2.1,<3",
+        "numpy>=1.24",
         "pyyaml>=6",
     ],
     extras_require={

@@ -6,7 +6,6 @@ section; every error names the file, the experiment and the key.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -14,6 +13,7 @@ import yaml
 
 from .schedules import Schedule, schedule_from_dict
 from .units import check_temperature, parse_unit
+from .validation import check_number
 
 __all__ = [
     "ConfigError",
@@ -80,20 +80,16 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
         )
     merged = {**GATE_DEFAULTS, **section}
     out: dict[str, Any] = {}
-    try:
-        out["e_cut"] = float(merged["e_cut"])
-        if not math.isfinite(out["e_cut"]):
-            raise ValueError("must be finite")
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}{name}.gate.e_cut must be a finite energy in kJ/mol, got {merged['e_cut']!r}") from None
-    for key, check in (
-        ("target_unit", lambda v: parse_unit(v, name="target_unit")),
-        ("temperature", lambda v: None if v is None else check_temperature(v)),
-    ):
+    checks = {
+        "e_cut": lambda v, key: check_number(v, key, "energy in kJ/mol"),
+        "target_unit": lambda v, key: parse_unit(v, name=key),
+        "temperature": lambda v, key: None if v is None else check_temperature(v, name=key),
+    }
+    for key, check in checks.items():
         try:
-            out[key] = check(merged[key])
+            out[key] = check(merged[key], f"{name}.gate.{key}")
         except ValueError as err:
-            raise ConfigError(f"{where}{name}.gate.{key}: {err}") from None
+            raise ConfigError(f"{where}{err}") from None
     q = merged["adaptive_quantile"]
     if q is not None and not (isinstance(q, (int, float)) and 0 < q < 1):
         raise ConfigError(f"{where}{name}.gate.adaptive_quantile must be null or lie in (0, 1), got {q!r}")

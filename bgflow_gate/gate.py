@@ -28,6 +28,7 @@ from . import bg
 from .schedules import Schedule, as_schedule, schedule_from_dict
 from .stats import EnergyStatistics, GateReason
 from .units import KJ_PER_MOL, KT, check_temperature, kt_in_kjmol, parse_unit
+from .validation import check_number
 
 __all__ = ["ScheduledEnergyGate", "soft_cut"]
 
@@ -149,12 +150,7 @@ class ScheduledEnergyGate(bg.Energy):
         super().__init__(dims[0] if len(dims) == 1 else dims)
         self.target = target
         self.schedule = as_schedule(schedule)
-        try:
-            self.e_cut = float(e_cut)
-        except (TypeError, ValueError):
-            raise ValueError(f"e_cut must be an energy in kJ/mol, got {e_cut!r}") from None
-        if not math.isfinite(self.e_cut):
-            raise ValueError(f"e_cut must be a finite energy in kJ/mol, got {e_cut!r}")
+        self.e_cut = check_number(e_cut, "e_cut", "energy in kJ/mol")
         self.target_unit = parse_unit(target_unit, name="target_unit")
         if temperature is None and self.target_unit == KT:
             raise ValueError(
@@ -214,12 +210,7 @@ class ScheduledEnergyGate(bg.Energy):
         the ``"previous"`` window) and, with ``adaptive_quantile``, sets the E_max floor
         from it; this reads the statistics once.
         """
-        try:
-            value = float(epoch)
-        except (TypeError, ValueError):
-            raise ValueError(f"epoch must be a number, got {epoch!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"epoch must be a non-negative, finite number, got {epoch!r}")
+        value = check_number(epoch, "epoch", "number", lower=0)
         if math.floor(value) != math.floor(self._epoch):
             self._close_epoch_window()
         self._epoch = value

@@ -24,6 +24,7 @@ import numbers
 from typing import Any, Iterable, Mapping, Optional
 
 from .units import kt_in_kjmol
+from .validation import check_number
 
 __all__ = [
     "Schedule",
@@ -37,24 +38,11 @@ __all__ = [
 
 
 def _energy(value: Any, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an energy in kJ/mol, got {value!r}") from None
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be a positive, finite energy in kJ/mol, got {value!r}")
-    return out
+    return check_number(value, name, "energy in kJ/mol", lower=0, strict=True)
 
 
 def _epochs(value: Any, name: str, *, positive: bool = False) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of epochs, got {value!r}") from None
-    if not math.isfinite(out) or out < 0 or (positive and out == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a {kind}, finite number of epochs, got {value!r}")
-    return out
+    return check_number(value, name, "number of epochs", lower=0, strict=positive)
 
 
 def _fmt_epoch(epoch: float) -> str:

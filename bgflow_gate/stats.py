@@ -3,7 +3,8 @@
 :class:`EnergyStatistics` counts gating decisions by reason and keeps the raw energies'
 minimum, maximum and a fine histogram, all as tensors on the device the energies live
 on. Updating it never reads a value back to the host, so a GPU run is not synchronised
-per call; reading the numbers out (:meth:`EnergyStatistics.summary`) is one transfer.
+per call; only reading the numbers out (:meth:`EnergyStatistics.summary`) copies them to
+the host.
 
 A quantile is the nearest-rank order statistic (``torch.quantile`` with
 ``interpolation="nearest"``), located in a histogram over the signed log
@@ -159,7 +160,7 @@ class EnergyStatistics:
         out.merge(self)
         return out
 
-    # -- read-out (one device-to-host transfer) ----------------------------------------
+    # -- read-out (the only device-to-host transfers) ----------------------------------
 
     def _host(self) -> tuple[list[int], torch.Tensor, float, float]:
         self._fold()

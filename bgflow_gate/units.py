@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from .validation import check_number
 
 __all__ = ["MOLAR_GAS_CONSTANT", "KJ_PER_MOL", "KT", "parse_unit", "kt_in_kjmol", "check_temperature"]
 
@@ -30,13 +30,7 @@ def parse_unit(unit: str, *, name: str = "unit") -> str:
 
 def check_temperature(temperature: float, *, name: str = "temperature") -> float:
     """Validate a temperature in K and return it as a float."""
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in K, got {temperature!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite temperature in K, got {temperature!r}")
-    return value
+    return check_number(temperature, name, "temperature in K", lower=0, strict=True)
 
 
 def kt_in_kjmol(temperature: float) -> float:

@@ -10,17 +10,9 @@ import pytest
 
 from bgflow_gate.cli import build_parser, main
 from bgflow_gate.units import kt_in_kjmol
+from formulas import three_stage_formula
 
 REPO_CONFIG = str(Path(__file__).parents[1] / "configs" / "experiments.yaml")
-
-
-def three_stage_formula(epoch, e_initial=1e10, e_final=1e5, hold=50.0, warmup=300.0):
-    if epoch < hold:
-        return e_initial
-    if epoch >= warmup:
-        return e_final
-    p = (epoch - hold) / (warmup - hold)
-    return math.exp(math.log(e_initial) + p * (math.log(e_final) - math.log(e_initial)))
 
 
 def run(capsys, *argv):

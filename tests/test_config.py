@@ -177,7 +177,7 @@ def test_bad_e_cut_raises_naming_the_key(tmp_path, bad):
 
 @pytest.mark.parametrize("bad", ["eV", "kcal/mol", "1"])
 def test_bad_target_unit_raises_naming_the_key(tmp_path, bad):
-    with pytest.raises(ConfigError, match=r"exp\.gate\.target_unit: target_unit must be 'kJ/mol' or 'kT'"):
+    with pytest.raises(ConfigError, match=r"exp\.gate\.target_unit must be 'kJ/mol' or 'kT'"):
         gate_of(tmp_path, f"target_unit: {bad}\n")
 
 

@@ -232,7 +232,7 @@ def test_e_max_in_kt_without_a_temperature_says_what_is_missing():
         ({"target_unit": "eV"}, "target_unit must be 'kJ/mol' or 'kT'"),
         ({"target_unit": "kT", "temperature": -3.0}, "temperature must be a positive"),
         ({"e_cut": NAN}, "e_cut must be a finite"),
-        ({"e_cut": "high"}, "e_cut must be an energy"),
+        ({"e_cut": "high"}, "e_cut must be a finite energy in kJ/mol, got .high."),
         ({"adaptive_quantile": 1.0}, "adaptive_quantile must lie strictly between 0 and 1"),
         ({"schedule": {"type": "cosine"}}, "schedule type 'cosine' is unknown"),
     ],

@@ -13,16 +13,7 @@ from bgflow_gate.schedules import (
     as_schedule,
     schedule_from_dict,
 )
-
-
-def three_stage_formula(epoch, e_initial=1e10, e_final=1e5, hold=50.0, warmup=300.0):
-    """The authoritative formula, written out independently of the package."""
-    if epoch < hold:
-        return e_initial
-    if epoch >= warmup:
-        return e_final
-    p = (epoch - hold) / (warmup - hold)
-    return math.exp(math.log(e_initial) + p * (math.log(e_final) - math.log(e_initial)))
+from formulas import three_stage_formula
 
 
 # -- ThreeStageSchedule: values ------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Argument checks shared by the package: one message format for every bad number."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+__all__ = ["check_number"]
+
+
+def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = None, strict: bool = False) -> float:
+    """``float(value)`` if it is finite and not below ``lower``; otherwise a ``ValueError``.
+
+    Parameters
+    ----------
+    value : Any
+        The value to check.
+    name : str
+        The argument's name, used in the message.
+    what : str
+        What the number stands for, with its unit (``"energy in kJ/mol"``).
+    lower : float, optional
+        Smallest allowed value (exclusive with ``strict=True``). With ``lower=0`` the
+        message says "non-negative" (or "positive" when strict).
+
+    Examples
+    --------
+    >>> check_number("300", "temperature", "temperature in K", lower=0, strict=True)
+    300.0
+    >>> check_number(-1, "e_final", "energy in kJ/mol", lower=0, strict=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: e_final must be a positive, finite energy in kJ/mol, got -1
+    """
+    if lower is None:
+        kind = ""
+    elif lower == 0:
+        kind = "positive, " if strict else "non-negative, "
+    else:
+        kind = f"{'greater than' if strict else 'at least'} {lower:g}, "
+    message = f"{name} must be a {kind}finite {what}, got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(message)
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not math.isfinite(out) or (lower is not None and (out < lower or (strict and out == lower))):
+        raise ValueError(message)
+    return out
