@@ -409,3 +409,42 @@ def test_state_dict_restores_epoch_schedule_floor_and_statistics():
     assert restored.e_max_floor == gate.e_max_floor
     for window in ("epoch", "previous", "total"):
         assert restored.statistics(window) == pytest.approx(gate.statistics(window), nan_ok=True)
+
+
+# -- host synchronisation -----------------------------------------------------------------
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read a value back to the host (a sync on a GPU)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name == "aten::_to_copy":
+            device = kwargs.get("device")
+            if device is None or torch.device(device).type != "cpu":
+                return func(*args, **kwargs)
+        if name in self.SYNCING:
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+def test_a_call_reads_one_value_back_and_statistics_read_none_until_asked(monkeypatch):
+    from bgflow_gate.stats import EnergyStatistics
+
+    monkeypatch.setattr(EnergyStatistics, "FOLD_AT", 64)  # fold inside the measured calls
+    gate = ScheduledEnergyGate(Quadratic(dim=2), schedule=100.0, e_cut=10.0)
+    x = torch.tensor([[1.0, 0.0], [20.0, 0.0]] * 20, requires_grad=True)
+    with _HostReads() as mode:
+        for _ in range(4):  # 160 samples: folded twice
+            gate.energy(x).sum().backward()
+    assert mode.reads == ["aten::_local_scalar_dense"] * 4  # the coordinate check, once a call
+    with _HostReads() as mode:
+        gate.statistics()
+    assert mode.reads  # reading out is where the values come back
