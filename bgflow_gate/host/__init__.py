@@ -5,6 +5,28 @@ signatures and return conventions follow bgflow, so code written against ``bgflo
 runs on this host unchanged.
 """
 
-from .energy import Energy
+from .distributions import DataSetSampler, NormalDistribution, Sampler
+from .energy import DoubleWellEnergy, Energy
+from .generator import (
+    BoltzmannGenerator,
+    effective_sample_size,
+    log_weights,
+    log_weights_given_latent,
+    sampling_efficiency,
+)
+from .training import KLTrainer, LossReporter
 
-__all__ = ["Energy"]
+__all__ = [
+    "Energy",
+    "DoubleWellEnergy",
+    "Sampler",
+    "NormalDistribution",
+    "DataSetSampler",
+    "BoltzmannGenerator",
+    "log_weights",
+    "log_weights_given_latent",
+    "effective_sample_size",
+    "sampling_efficiency",
+    "KLTrainer",
+    "LossReporter",
+]

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["Energy"]
+__all__ = ["Energy", "DoubleWellEnergy"]
 
 Dim = Union[int, Sequence[int], Sequence[Sequence[int]]]
 
@@ -164,3 +164,19 @@ class Energy(torch.nn.Module):
         if len(self._event_shapes) == 1:
             return forces[0]
         return tuple(forces)
+
+
+class DoubleWellEnergy(Energy):
+    """A double well in the first coordinate, harmonic in the others.
+
+    ``E(x) = a x0 + b x0^2 + c x0^4 + 1/2 sum_{i>0} x_i^2`` (defaults a=0, b=-4, c=1).
+    """
+
+    def __init__(self, dim: int, a: float = 0.0, b: float = -4.0, c: float = 1.0):
+        super().__init__(dim)
+        self._a, self._b, self._c = a, b, c
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        d = x[..., :1]
+        rest = x[..., 1:]
+        return self._a * d + self._b * d.pow(2) + self._c * d.pow(4) + 0.5 * rest.pow(2).sum(-1, keepdim=True)
