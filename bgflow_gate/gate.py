@@ -175,6 +175,7 @@ class ScheduledEnergyGate(bg.Energy):
         )
         self._epoch = 0.0
         self._floor: Optional[float] = None  # adaptive lower bound on E_max, kJ/mol
+        self._relax = 1.0  # factor on E_max applied by relax()
         self._stats = {w: EnergyStatistics() for w in _WINDOWS}
         self._warned_target_error = False
         # the last call's results; a plain holder, so that storing them per call does not
@@ -237,11 +238,25 @@ class ScheduledEnergyGate(bg.Energy):
 
     @property
     def e_max(self) -> float:
-        """The effective E_max in kJ/mol at the current epoch."""
+        """The effective E_max in kJ/mol at the current epoch (schedule, adaptive floor, relaxation)."""
         value = self.scheduled_e_max
         if self._floor is not None:
             value = max(value, min(self._floor, self.schedule(0.0)))
-        return value
+        return value * self._relax
+
+    @property
+    def relaxation(self) -> float:
+        """The factor :meth:`relax` has applied to E_max so far (1 when never relaxed)."""
+        return self._relax
+
+    def relax(self, factor: float) -> None:
+        """Raise E_max by ``factor`` (> 1) from now on; repeated calls multiply.
+
+        The remedy for a gate that rejects everything: the schedule keeps its shape, every
+        E_max it gives is multiplied by the accumulated factor.
+        """
+        factor = check_number(factor, "factor", "factor", lower=1.0, strict=True)
+        self._relax *= factor
 
     def _in_kt(self, kjmol: float, what: str) -> float:
         if self.temperature is None:
@@ -419,6 +434,7 @@ class ScheduledEnergyGate(bg.Energy):
         return {
             "epoch": self._epoch,
             "floor": self._floor,
+            "relax": self._relax,
             "schedule": self.schedule.to_dict(),
             "statistics": {w: s.state_dict() for w, s in self._stats.items()},
         }
@@ -427,6 +443,7 @@ class ScheduledEnergyGate(bg.Energy):
         self.schedule = schedule_from_dict(state["schedule"])
         self._epoch = float(state["epoch"])
         self._floor = state["floor"]
+        self._relax = float(state.get("relax", 1.0))
         for window, stats_state in state["statistics"].items():
             if window not in _WINDOWS:
                 raise ValueError(f"unknown statistics window {window!r} in gate state")

@@ -20,11 +20,21 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["GateReason", "EnergyStatistics", "BINS_PER_DECADE", "SYMLOG_RANGE"]
+__all__ = [
+    "GateReason",
+    "EnergyStatistics",
+    "BINS_PER_DECADE",
+    "SYMLOG_RANGE",
+    "HISTORY_KEYS",
+    "write_history",
+    "TrainingHealthWarning",
+    "HealthMonitor",
+]
 
 #: Histogram resolution of raw energies (bins per decade of ``log10(1 + |E|)``).
 BINS_PER_DECADE = 200
@@ -257,3 +267,191 @@ class EnergyStatistics:
         self._counts = state["counts"].to(target, torch.int64)
         self._hist = state["hist"].to(target, torch.int64)
         self._extremes = state["extremes"].to(target, torch.float64)
+
+
+# -- epoch history ------------------------------------------------------------------------
+
+#: Keys every epoch record of a trainer's history has.
+HISTORY_KEYS = (
+    "epoch", "e_max", "scheduled_e_max", "batches", "batches_skipped", "skip_rate",
+    "steps_skipped", "nonfinite_steps", "samples", "samples_gated", "nonfinite",
+    "energy_p50", "energy_max", "kll", "nll", "logdet_mean", "logdet_std", "lr", "seconds",
+)
+
+
+def write_history(history: list[dict], path) -> None:
+    """Write epoch records as CSV (``.csv``) or JSON lines (any other suffix, e.g. ``.jsonl``).
+
+    List-valued fields (alerts, actions) are joined with ``"; "`` in CSV.
+    """
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() != ".csv":
+        with path.open("w") as fh:
+            for record in history:
+                fh.write(json.dumps(record) + "\n")
+        return
+    keys: list[str] = []
+    for record in history:
+        keys += [k for k in record if k not in keys]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        for record in history:
+            writer.writerow({k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in record.items()})
+
+
+# -- health monitor -------------------------------------------------------------------------
+
+
+class TrainingHealthWarning(UserWarning):
+    """A warning sign of gated training: stalls, rising energies, a frozen flow."""
+
+
+class HealthMonitor:
+    """Watches the epoch history for the warning signs of a stalled gated training.
+
+    Each check fires once (a :class:`TrainingHealthWarning` naming the epoch and the
+    numbers, and an entry in that epoch's ``alerts``); ``rearm(name)`` lets it fire again.
+
+    Parameters
+    ----------
+    stall_epochs : int
+        ``all_skipped``: every KL batch skipped for this many consecutive epochs (20).
+    expected_skip_rate : dict
+        ``skip_rate_high``: the highest normal skip rate per schedule stage
+        (default: hold 0.10, warm-up 0.25, any other stage 0.10) ...
+    skip_window : int
+        ... exceeded in each of this many consecutive epochs (5).
+    energy_window : int
+        ``energy_rising``: the median raw energy rose by more than ``energy_rise_decades``
+        decades over this many epochs (10) ...
+    energy_rise_decades : float
+        ... (1.0).
+    flat_window : int
+        ``logdet_flat``: the mean log-det changed by less than ``flat_tolerance`` over this
+        many epochs (10), i.e. the flow stopped changing.
+    flat_tolerance : float
+        (1e-6, relative to ``1 + |mean log-det|``).
+    loss_patience : int
+        ``loss_flat``: the best KL (or NLL) loss did not improve by more than
+        ``loss_tolerance`` (relative) for this many epochs (50).
+    loss_tolerance : float
+        (1e-3).
+    """
+
+    CHECKS = ("all_skipped", "skip_rate_high", "energy_rising", "logdet_flat", "loss_flat")
+
+    def __init__(
+        self,
+        stall_epochs: int = 20,
+        expected_skip_rate: Optional[dict] = None,
+        skip_window: int = 5,
+        energy_window: int = 10,
+        energy_rise_decades: float = 1.0,
+        flat_window: int = 10,
+        flat_tolerance: float = 1e-6,
+        loss_patience: int = 50,
+        loss_tolerance: float = 1e-3,
+    ):
+        for name, value in (("stall_epochs", stall_epochs), ("skip_window", skip_window),
+                            ("energy_window", energy_window), ("flat_window", flat_window),
+                            ("loss_patience", loss_patience)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number of epochs, got {value!r}")
+        self.stall_epochs = stall_epochs
+        self.expected_skip_rate = {"hold": 0.10, "warm-up": 0.25, "default": 0.10, **(expected_skip_rate or {})}
+        self.skip_window = skip_window
+        self.energy_window = energy_window
+        self.energy_rise_decades = energy_rise_decades
+        self.flat_window = flat_window
+        self.flat_tolerance = flat_tolerance
+        self.loss_patience = loss_patience
+        self.loss_tolerance = loss_tolerance
+        self.fired: dict[str, int] = {}  # check -> epoch it fired at
+        self._armed_at: dict[str, int] = {}  # check -> first epoch it may look at again
+
+    def rearm(self, name: str, epoch: int) -> None:
+        """Let check ``name`` fire again, judging only epochs from ``epoch`` on."""
+        self.fired.pop(name, None)
+        self._armed_at[name] = epoch
+
+    def check(self, history: list[dict], stage: str) -> list[tuple[str, str]]:
+        """Run the checks on the history (the last record is the epoch just finished).
+
+        Returns the ``(check, message)`` pairs that fire now; each also warns.
+        """
+        if not history:
+            return []
+        epoch = history[-1]["epoch"]
+        alerts = []
+        for name in self.CHECKS:
+            if name in self.fired:
+                continue
+            recent = [r for r in history if r["epoch"] >= self._armed_at.get(name, 0)]
+            message = getattr(self, f"_{name}")(recent, stage)
+            if message:
+                self.fired[name] = epoch
+                text = f"epoch {epoch}: {message}"
+                warnings.warn(text, TrainingHealthWarning, stacklevel=3)
+                alerts.append((name, text))
+        return alerts
+
+    def _all_skipped(self, h, stage):
+        last = h[-self.stall_epochs:]
+        if len(last) == self.stall_epochs and all(r["batches"] and r["batches_skipped"] == r["batches"] for r in last):
+            return (
+                f"every KL batch was skipped for {self.stall_epochs} epochs (E_max {last[-1]['e_max']:.3g} kJ/mol, "
+                f"median raw energy {last[-1]['energy_p50']:.3g} kJ/mol): the gate is stricter than the model"
+            )
+
+    def _skip_rate_high(self, h, stage):
+        limit = self.expected_skip_rate.get(stage, self.expected_skip_rate["default"])
+        last = h[-self.skip_window:]
+        if len(last) == self.skip_window and all(r["skip_rate"] > limit for r in last):
+            return (
+                f"KL skip rate {last[-1]['skip_rate']:.0%} has been above {limit:.0%}, the expected level of the "
+                f"{stage} stage, for {self.skip_window} epochs"
+            )
+
+    def _energy_rising(self, h, stage):
+        last = [r["energy_p50"] for r in h[-self.energy_window:]]
+        if len(last) < self.energy_window or not all(math.isfinite(v) and v > 0 for v in (last[0], last[-1])):
+            return None
+        rise = math.log10(last[-1]) - math.log10(last[0])
+        if rise > self.energy_rise_decades:
+            return (
+                f"the median raw energy rose from {last[0]:.3g} to {last[-1]:.3g} kJ/mol over "
+                f"{self.energy_window} epochs"
+            )
+
+    def _logdet_flat(self, h, stage):
+        last = [r["logdet_mean"] for r in h[-self.flat_window:]]
+        if len(last) < self.flat_window or not all(math.isfinite(v) for v in last):
+            return None
+        if max(last) - min(last) < self.flat_tolerance * (1 + abs(last[-1])):
+            return f"the mean log-det stayed at {last[-1]:.6g} for {self.flat_window} epochs: the flow is not changing"
+
+    def _loss_flat(self, h, stage):
+        key = "kll" if any(math.isfinite(r["kll"]) for r in h) else "nll"
+        values = [r[key] for r in h]
+        if len(values) <= self.loss_patience:
+            return None
+        before = [v for v in values[: -self.loss_patience] if math.isfinite(v)]
+        recent = [v for v in values[-self.loss_patience:] if math.isfinite(v)]
+        if not before:
+            return None
+        best = min(before)
+        if not recent or min(recent) > best - self.loss_tolerance * abs(best):
+            return f"the {key.upper()} loss has not improved on {best:.4g} for {self.loss_patience} epochs"
+
+    def state_dict(self) -> dict:
+        return {"fired": dict(self.fired), "armed_at": dict(self._armed_at)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fired = dict(state["fired"])
+        self._armed_at = dict(state["armed_at"])

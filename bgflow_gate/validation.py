@@ -32,13 +32,12 @@ def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = N
     ...
     ValueError: e_final must be a positive, finite energy in kJ/mol, got -1
     """
-    if lower is None:
-        kind = ""
-    elif lower == 0:
+    kind, bound = "", ""
+    if lower == 0:
         kind = "positive, " if strict else "non-negative, "
-    else:
-        kind = f"{'greater than' if strict else 'at least'} {lower:g}, "
-    message = f"{name} must be a {kind}finite {what}, got {value!r}"
+    elif lower is not None:
+        bound = f" {'greater than' if strict else 'at least'} {lower:g}"
+    message = f"{name} must be a {kind}finite {what}{bound}, got {value!r}"
     if isinstance(value, bool):
         raise ValueError(message)
     try:

@@ -448,3 +448,18 @@ def test_a_call_reads_one_value_back_and_statistics_read_none_until_asked(monkey
     with _HostReads() as mode:
         gate.statistics()
     assert mode.reads  # reading out is where the values come back
+
+
+def test_relax_multiplies_e_max_from_now_on_and_is_kept_in_the_state():
+    gate = ScheduledEnergyGate(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2), e_cut=10.0)
+    gate.set_epoch(2.0)
+    gate.relax(10.0)
+    gate.relax(5.0)
+    assert gate.relaxation == 50.0 and gate.e_max == 5e4
+    gate.energy(energies([4e4, 6e4]))
+    assert gate.last_gated.tolist() == [False, True]
+    restored = ScheduledEnergyGate(Fixed())
+    restored.load_state_dict(gate.state_dict())
+    assert restored.e_max == 5e4
+    with pytest.raises(ValueError, match="factor must be a finite factor greater than 1, got 0.5"):
+        gate.relax(0.5)

@@ -7,6 +7,17 @@ runs on this host unchanged.
 
 from .distributions import DataSetSampler, NormalDistribution, Sampler
 from .energy import DoubleWellEnergy, Energy
+from .flows import (
+    AffineTransformer,
+    CouplingFlow,
+    Flow,
+    InverseFlow,
+    MergeFlow,
+    SequentialFlow,
+    SplitFlow,
+    SwapFlow,
+    Transformer,
+)
 from .generator import (
     BoltzmannGenerator,
     effective_sample_size,
@@ -14,6 +25,7 @@ from .generator import (
     log_weights_given_latent,
     sampling_efficiency,
 )
+from .nn import DenseNet
 from .training import KLTrainer, LossReporter
 
 __all__ = [
@@ -27,6 +39,16 @@ __all__ = [
     "log_weights_given_latent",
     "effective_sample_size",
     "sampling_efficiency",
+    "Flow",
+    "SequentialFlow",
+    "SplitFlow",
+    "MergeFlow",
+    "SwapFlow",
+    "InverseFlow",
+    "CouplingFlow",
+    "Transformer",
+    "AffineTransformer",
+    "DenseNet",
     "KLTrainer",
     "LossReporter",
 ]
