@@ -12,6 +12,11 @@ ScheduledEnergyGate
     A bgflow ``Energy`` that gates a target energy with a scheduled E_max.
 GateReason
     Codes for why a sample was gated.
+ProgressiveKLTrainer
+    bgflow's ``KLTrainer`` with epochs, skip policies, statistics, a health monitor and
+    checkpoints.
+HealthMonitor, TrainingHealthWarning
+    The warning signs of a stalled gated training.
 """
 
 from . import bg
@@ -24,7 +29,8 @@ from .schedules import (
     ThreeStageSchedule,
     schedule_from_dict,
 )
-from .stats import GateReason
+from .stats import GateReason, HealthMonitor, TrainingHealthWarning
+from .trainer import SKIP_POLICIES, ProgressiveKLTrainer
 
 __version__ = "0.1.0"
 
@@ -38,5 +44,9 @@ __all__ = [
     "schedule_from_dict",
     "ScheduledEnergyGate",
     "GateReason",
+    "ProgressiveKLTrainer",
+    "SKIP_POLICIES",
+    "HealthMonitor",
+    "TrainingHealthWarning",
     "__version__",
 ]

@@ -1,0 +1,656 @@
+"""``ProgressiveKLTrainer``: bgflow's ``KLTrainer`` with epochs and progressive gating.
+
+A drop-in subclass of bgflow's ``KLTrainer`` (real or the host's): same constructor, same
+``train()`` arguments, plus
+
+* epochs (``iters_per_epoch``, ``train(n_epochs=...)``) that move a
+  :class:`~bgflow_gate.ScheduledEnergyGate` along its E_max schedule;
+* skip policies for gated samples in the KL term (``"drop"``, ``"batch"``, ``"step"``,
+  ``"clamp"``) that never block the NLL step of mixed training;
+* NaN / inf gradient checks, force clipping (``clip_forces``), gradient-norm clipping;
+* an epoch history, a health monitor and an automatic remedy for stalls;
+* LR warm-up and epoch schedulers;
+* checkpoints that resume a run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import bg
+from .gate import ScheduledEnergyGate
+from .schedules import Schedule
+from .stats import HealthMonitor, write_history
+from .validation import check_number
+
+__all__ = ["ProgressiveKLTrainer", "SKIP_POLICIES", "clip_gradient"]
+
+#: The skip policies and what they do with gated samples of a KL batch.
+SKIP_POLICIES = {
+    "drop": "gated samples leave the KL mean; the KL term is skipped when fewer than "
+    "min_keep_fraction of the batch remain",
+    "batch": "any gated sample skips the batch's KL term",
+    "step": "any gated sample skips the whole optimisation step, NLL included "
+    "(the original failing semantics; not recommended)",
+    "clamp": "gated samples keep the gate's constant energy and their -log|det J| term "
+    "(bgflow's LinLogCutEnergy behaviour)",
+}
+
+
+class _ClipGradient(torch.autograd.Function):
+    """Identity whose backward clamps ``grad / scale`` to ``[-limit, limit]``.
+
+    ``scale`` (a tensor in a one-element list, filled after the forward pass) is the
+    factor between the gradient that arrives and the force of interest, e.g. the loss
+    weight over the number of samples in a mean.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, limit: float, scale_box: list):
+        ctx.limit = limit
+        ctx.scale_box = scale_box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scale = ctx.scale_box[0] if ctx.scale_box else torch.ones((), dtype=grad.dtype, device=grad.device)
+        safe = torch.where(scale != 0, scale, 1.0).to(grad.dtype)
+        return (grad / safe).clamp(-ctx.limit, ctx.limit) * safe, None, None
+
+
+def clip_gradient(x: torch.Tensor, limit: float, scale_box: Optional[list] = None) -> torch.Tensor:
+    """Identity on ``x`` whose backward clamps each gradient component to ``[-limit, limit]``
+    (after dividing by ``scale_box[0]`` when given, and multiplying back)."""
+    return _ClipGradient.apply(x, limit, scale_box if scale_box is not None else [])
+
+
+def _as_tuple(x) -> tuple:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _to_sampler(data):
+    """bgflow's convention: a tensor becomes a ``DataSetSampler``; samplers pass through."""
+    return bg.DataSetSampler(data) if isinstance(data, torch.Tensor) else data
+
+
+class _EpochAccumulator:
+    """Per-epoch counters of the training loop (host numbers, one read per iteration)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.batches = 0  # KL batches
+        self.batches_skipped = 0
+        self.steps = 0
+        self.steps_skipped = 0
+        self.nonfinite_steps = 0
+        self.kll_sum = 0.0
+        self.kll_n = 0
+        self.nll_sum = 0.0
+        self.nll_n = 0
+        self.logdet_sum = 0.0
+        self.logdet_sq = 0.0
+        self.logdet_n = 0
+
+
+class ProgressiveKLTrainer(bg.KLTrainer):
+    """bgflow's ``KLTrainer`` with an epoch-scheduled energy gate.
+
+    Parameters
+    ----------
+    bg, optim, train_likelihood, train_energy, custom_loss, test_likelihood
+        As in bgflow's ``KLTrainer``.
+    gate : ScheduledEnergyGate, optional
+        The gate. Default: the generator's target if it is a gate already, otherwise the
+        target wrapped in a new gate built from the arguments below (it replaces the
+        generator's target).
+    schedule : Schedule or dict, optional
+        E_max schedule of a new gate (default :class:`ThreeStageSchedule`).
+    e_cut : float
+        Soft-cut start of a new gate, kJ/mol (500).
+    target_unit : {"kJ/mol", "kT"}, optional
+        Unit of the target's energies, for a new gate. bgflow's OpenMM energies are in kT
+        and their temperature is read from the integrator; for any other target it must
+        be given (an error says so).
+    temperature : float, optional
+        Temperature in K of a target in kT.
+    adaptive_quantile : float, optional
+        Passed to a new gate (see :class:`ScheduledEnergyGate`).
+    iters_per_epoch : int, optional
+        Iterations per epoch. Default: one pass over ``data`` (``len(data) // batchsize``);
+        required when there is no data of known length.
+    skip_policy : {"drop", "batch", "step", "clamp"}
+        What gated samples do to the KL term (see :data:`SKIP_POLICIES`).
+    min_keep_fraction : float
+        ``"drop"``: the KL term is skipped when fewer than this fraction of the batch is
+        left after dropping (0.5).
+    max_grad_norm : float, optional
+        Clip the total gradient norm of every step to this value.
+    monitor : HealthMonitor or dict or None
+        The health monitor (a dict is passed to :class:`HealthMonitor`); default one.
+    on_stall : {"warn", "relax"}
+        ``"relax"``: when every KL batch was skipped for the monitor's ``stall_epochs``,
+        multiply E_max by ``relax_factor``, record the action and carry on; the check is
+        re-armed, so a run still stalled relaxes again.
+    relax_factor : float
+        (10).
+    lr_warmup_epochs : float
+        Linear learning-rate warm-up from ~0 to the optimizer's rate over this many epochs
+        (0: none); multiplies whatever the schedulers set.
+    checkpoint_every : int, optional
+        Write a checkpoint to ``checkpoint_path`` every this many epochs (atomically).
+    checkpoint_path : str or Path, optional
+        Where checkpoints go.
+    log_dir : str or Path, optional
+        Write the epoch history as TensorBoard scalars here (needs ``tensorboard``).
+
+    Attributes
+    ----------
+    gate : ScheduledEnergyGate
+    epoch : float
+        Epochs trained so far (``iteration / iters_per_epoch``).
+    iteration : int
+        Iterations trained so far, over all ``train()`` calls.
+    history : list of dict
+        One record per finished epoch (see :data:`bgflow_gate.stats.HISTORY_KEYS`), plus
+        ``alerts`` and ``actions`` lists.
+    """
+
+    def __init__(
+        self,
+        bg,
+        optim: Optional[torch.optim.Optimizer] = None,
+        train_likelihood: bool = True,
+        train_energy: bool = True,
+        custom_loss: Optional[Callable] = None,
+        test_likelihood: bool = False,
+        *,
+        gate: Optional[ScheduledEnergyGate] = None,
+        schedule: Union[Schedule, dict, None] = None,
+        e_cut: float = 500.0,
+        target_unit: Optional[str] = None,
+        temperature: Optional[float] = None,
+        adaptive_quantile: Optional[float] = None,
+        iters_per_epoch: Optional[int] = None,
+        skip_policy: str = "drop",
+        min_keep_fraction: float = 0.5,
+        max_grad_norm: Optional[float] = None,
+        monitor: Union[HealthMonitor, dict, None] = None,
+        on_stall: str = "warn",
+        relax_factor: float = 10.0,
+        lr_warmup_epochs: float = 0.0,
+        checkpoint_every: Optional[int] = None,
+        checkpoint_path: Union[str, Path, None] = None,
+        log_dir: Union[str, Path, None] = None,
+    ):
+        super().__init__(
+            bg,
+            optim=optim,
+            train_likelihood=train_likelihood,
+            train_energy=train_energy,
+            custom_loss=custom_loss,
+            test_likelihood=test_likelihood,
+        )
+        if skip_policy not in SKIP_POLICIES:
+            raise ValueError(f"skip_policy must be one of {', '.join(SKIP_POLICIES)}, got {skip_policy!r}")
+        if on_stall not in ("warn", "relax"):
+            raise ValueError(f"on_stall must be 'warn' or 'relax', got {on_stall!r}")
+        if iters_per_epoch is not None and (not isinstance(iters_per_epoch, int) or iters_per_epoch < 1):
+            raise ValueError(f"iters_per_epoch must be a positive whole number, got {iters_per_epoch!r}")
+        if checkpoint_every is not None and checkpoint_path is None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+        self.skip_policy = skip_policy
+        self.min_keep_fraction = check_number(min_keep_fraction, "min_keep_fraction", "fraction", lower=0)
+        self.max_grad_norm = (
+            None if max_grad_norm is None else check_number(max_grad_norm, "max_grad_norm", "norm", lower=0, strict=True)
+        )
+        self.on_stall = on_stall
+        self.relax_factor = check_number(relax_factor, "relax_factor", "factor", lower=1, strict=True)
+        self.lr_warmup_epochs = check_number(lr_warmup_epochs, "lr_warmup_epochs", "number of epochs", lower=0)
+        self.iters_per_epoch = iters_per_epoch
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.monitor = monitor if isinstance(monitor, HealthMonitor) else HealthMonitor(**(monitor or {}))
+        self.gate = self._resolve_gate(gate, schedule, e_cut, target_unit, temperature, adaptive_quantile)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self._acc = _EpochAccumulator()
+        self._samplers: dict[int, Any] = {}  # id(data) -> sampler, so passes continue across calls
+        self._pending_sampler_state: Optional[dict] = None
+        self._pending_rng: Optional[dict] = None
+        self._lr_factor = 1.0
+        self._writer = self._tensorboard(log_dir)
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _resolve_gate(self, gate, schedule, e_cut, target_unit, temperature, adaptive_quantile):
+        target = getattr(self.bg, "_target", None)
+        if isinstance(target, ScheduledEnergyGate):
+            if gate is not None and gate is not target:
+                raise ValueError("the generator's target is already a gate; do not pass another one")
+            return target
+        if gate is not None:
+            if gate.target is not target:
+                raise ValueError("gate must wrap the generator's target (gate.target is not bg._target)")
+            self.bg._target = gate
+            return gate
+        if target is None or not self.train_energy:
+            return None
+        if target_unit is None:
+            target_unit, temperature = self._infer_unit(target, temperature)
+        gate = ScheduledEnergyGate(
+            target, schedule=schedule, e_cut=e_cut, target_unit=target_unit,
+            temperature=temperature, adaptive_quantile=adaptive_quantile,
+        )
+        self.bg._target = gate
+        return gate
+
+    @staticmethod
+    def _infer_unit(target, temperature):
+        bridge = getattr(target, "_bridge", None)
+        integrator = getattr(bridge, "integrator", None) or getattr(bridge, "_integrator", None)
+        if bridge is not None and integrator is not None and hasattr(integrator, "getTemperature"):
+            t = integrator.getTemperature()
+            t = t.value_in_unit(t.unit) if hasattr(t, "value_in_unit") else float(t)
+            return "kT", temperature if temperature is not None else t
+        raise ValueError(
+            f"the unit of the target's energies ({type(target).__name__}) cannot be determined; "
+            f"pass target_unit='kJ/mol', or target_unit='kT' with temperature=<K>, to "
+            f"ProgressiveKLTrainer (or wrap the target in a ScheduledEnergyGate yourself)"
+        )
+
+    @staticmethod
+    def _tensorboard(log_dir):
+        if log_dir is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("log_dir needs the tensorboard package; TensorBoard logging is off", RuntimeWarning)
+            return None
+        return SummaryWriter(str(log_dir))
+
+    # -- epochs ------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> float:
+        """Epochs trained so far (fractional within an epoch)."""
+        return self.iteration / self.iters_per_epoch if self.iters_per_epoch else 0.0
+
+    def _resolve_iters_per_epoch(self, data, batchsize: int) -> int:
+        if self.iters_per_epoch is None:
+            try:
+                n = len(data)
+            except TypeError:
+                raise ValueError(
+                    "iters_per_epoch is needed: there is no training data of known length to define "
+                    "an epoch; pass iters_per_epoch=<iterations> to ProgressiveKLTrainer"
+                ) from None
+            self.iters_per_epoch = max(1, n // batchsize)
+        return self.iters_per_epoch
+
+    # -- training ----------------------------------------------------------------------
+
+    def train(
+        self,
+        n_iter: Optional[int] = None,
+        data=None,
+        testdata=None,
+        batchsize: int = 128,
+        w_likelihood: Optional[float] = None,
+        w_energy: Optional[float] = None,
+        w_custom: Optional[float] = None,
+        custom_loss_kwargs: dict = {},
+        n_print: int = 0,
+        temperature: float = 1.0,
+        schedulers: Iterable = (),
+        clip_forces: Optional[float] = None,
+        progress_bar: Callable = lambda x: x,
+        *,
+        n_epochs: Optional[float] = None,
+        epoch_schedulers: Sequence = (),
+    ) -> list[dict]:
+        """Train for ``n_iter`` iterations or ``n_epochs`` epochs; returns the history.
+
+        Parameters
+        ----------
+        n_iter, data, testdata, batchsize, w_likelihood, w_energy, w_custom,
+        custom_loss_kwargs, temperature, schedulers, progress_bar
+            As in bgflow's ``KLTrainer.train``. ``schedulers`` are stepped every
+            ``interval`` iterations counted over the whole run.
+        n_print : int
+            Print the losses every ``n_print`` iterations (as bgflow) and, when positive,
+            a one-line summary at the end of every epoch.
+        clip_forces : float, optional
+            Clamp every component of the target's force on the generated samples,
+            ``-dE/dx``, to ``[-clip_forces, clip_forces]`` (target energy unit per
+            coordinate unit) before it reaches the flow. bgflow ignores this argument.
+        n_epochs : float, optional
+            Train this many epochs instead of ``n_iter`` iterations.
+        epoch_schedulers : sequence
+            Learning-rate schedulers stepped once at the end of every epoch.
+        """
+        if (n_iter is None) == (n_epochs is None):
+            raise ValueError("give exactly one of n_iter and n_epochs")
+        w_likelihood = self.w_likelihood if w_likelihood is None else w_likelihood
+        w_energy = self.w_energy if w_energy is None else w_energy
+        if clip_forces is not None:
+            clip_forces = check_number(clip_forces, "clip_forces", "force", lower=0, strict=True)
+        if self.train_likelihood and data is None:
+            raise ValueError("likelihood training needs data; pass data= to train()")
+        if w_custom is not None and self.custom_loss is None:
+            raise ValueError("w_custom needs a custom_loss, given to the constructor")
+        sampler = self._sampler(data)
+        test_sampler = _to_sampler(testdata)
+        self._restore_rng()
+        ipe = self._resolve_iters_per_epoch(data, batchsize)
+        if n_epochs is not None:
+            n_epochs = check_number(n_epochs, "n_epochs", "number of epochs", lower=0)
+            n_iter = int(round(n_epochs * ipe))
+        total_w = w_likelihood + w_energy
+        if total_w <= 0 and w_custom is None:
+            raise ValueError("w_likelihood + w_energy must be positive")
+
+        bar = progress_bar(range(n_iter))
+        for _ in bar:
+            it = self.iteration
+            if self.gate is not None:
+                self.gate.set_epoch(it / ipe)
+            for interval, scheduler in schedulers:
+                if it % interval == 0:
+                    scheduler.step()
+            self._apply_lr_warmup(it, ipe)
+            reports = self._step(
+                sampler, test_sampler, batchsize, w_likelihood / total_w if total_w else 0.0,
+                w_energy / total_w if total_w else 0.0, w_custom, custom_loss_kwargs, temperature, clip_forces,
+            )
+            self.reporter.report(*[np.asarray(r) for r in reports])
+            if n_print > 0 and it % n_print == 0:
+                self.reporter.print(*reports)
+            self.iteration += 1
+            if self.iteration % ipe == 0:
+                record = self._end_epoch(ipe, epoch_schedulers)
+                if n_print > 0:
+                    print(self.summary_line(record))
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(
+                        epoch=record["epoch"], loss=record["kll"] if self.train_energy else record["nll"],
+                        e_max=f"{record['e_max']:.3g}", skip=f"{record['skip_rate']:.0%}",
+                    )
+        return self.history
+
+    def _sampler(self, data):
+        if data is None:
+            return None
+        key = id(data)
+        if key not in self._samplers:
+            self._samplers = {key: _to_sampler(data)}
+            if self._pending_sampler_state is not None and hasattr(self._samplers[key], "load_state_dict"):
+                self._samplers[key].load_state_dict(self._pending_sampler_state)
+                self._pending_sampler_state = None
+        return self._samplers[key]
+
+    def _apply_lr_warmup(self, it: int, ipe: int) -> None:
+        if self.lr_warmup_epochs <= 0:
+            return
+        factor = min(1.0, (it + 1) / (self.lr_warmup_epochs * ipe))
+        if factor != self._lr_factor:
+            for group in self.optim.param_groups:
+                group["lr"] *= factor / self._lr_factor
+            self._lr_factor = factor
+
+    def _kl_term(self, batchsize: int, temperature: float, clip_forces: Optional[float], weight: float):
+        """The KL loss, whether it applies (a 0-dim bool tensor) and the log-dets.
+
+        With ``clip_forces`` the force on every sample, ``-d energy / dx`` (after the
+        gate's soft cut), is clamped component-wise: the gradient arriving at ``x`` is
+        ``weight / n`` times that force, so the clamp divides the factor out first.
+        """
+        z = _as_tuple(self.bg.prior.sample(batchsize, temperature=temperature))
+        *x, dlogp = self.bg.flow(*z, temperature=temperature)
+        scale_box: list = []
+        if clip_forces is not None:
+            x = [clip_gradient(xi, clip_forces, scale_box) for xi in x]
+        target = self.gate if self.gate is not None else self.bg._target
+        energy = target.energy(*x, temperature=temperature)
+        per_sample = (energy - dlogp).view(-1)
+        dlogp = dlogp.detach().view(-1)
+        n = per_sample.new_tensor(float(len(per_sample)))
+        if self.gate is None or self.skip_policy == "clamp":
+            loss, applies = per_sample.mean(), torch.ones((), dtype=torch.bool, device=energy.device)
+        elif self.skip_policy == "drop":
+            keep = ~self.gate.last_gated.view(-1)
+            n = keep.sum().clamp(min=1).to(per_sample.dtype)
+            loss = torch.where(keep, per_sample, 0.0).sum() / n
+            applies = (keep.sum() >= self.min_keep_fraction * len(keep)) & keep.any()
+        else:  # "batch" and "step"
+            loss, applies = per_sample.mean(), ~self.gate.last_gated.any()
+        scale_box.append(weight / n)
+        return loss, applies, dlogp
+
+    def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
+              temperature, clip_forces) -> list:
+        self.optim.zero_grad(set_to_none=True)
+        device_values = []  # read back together, once per iteration
+        loss = None
+        kl_applies = None
+        if self.train_energy:
+            kll, kl_applies, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
+            if w_kl > 0:
+                loss = torch.where(kl_applies, w_kl * kll, 0.0)
+            device_values += [kll.detach(), kl_applies.to(kll.dtype), dlogp.mean(), dlogp.pow(2).mean()]
+        if self.train_likelihood:
+            batch = _as_tuple(sampler.sample(batchsize))
+            nll = self.bg.energy(*batch, temperature=temperature).mean()
+            if w_nll > 0:
+                loss = w_nll * nll if loss is None else loss + w_nll * nll
+            device_values.append(nll.detach())
+        if w_custom is not None:
+            custom = self.custom_loss(**custom_loss_kwargs)
+            loss = w_custom * custom if loss is None else loss + w_custom * custom
+        if loss is not None:
+            loss.backward()
+        params = [p for p in self.bg.parameters() if p.grad is not None]
+        norm = (
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else math.inf)
+            if params else torch.zeros(())
+        )
+        device_values.append(norm.detach().to(device_values[0].dtype if device_values else torch.float32))
+        values = torch.stack([v.to(device_values[-1].device, torch.float64) for v in device_values]).tolist()
+
+        acc = self._acc
+        acc.steps += 1
+        reports = []
+        pos = 0
+        kl_ok = True
+        if self.train_energy:
+            kll_v, applies_v, ld_mean, ld_sq = values[0:4]
+            pos = 4
+            kl_ok = applies_v > 0.5
+            acc.batches += 1
+            acc.logdet_sum += ld_mean * batchsize
+            acc.logdet_sq += ld_sq * batchsize
+            acc.logdet_n += batchsize
+            if kl_ok:
+                acc.kll_sum += kll_v
+                acc.kll_n += 1
+            else:
+                acc.batches_skipped += 1
+            reports.append(kll_v if kl_ok else math.nan)  # a skipped term is absent, never 0
+        if self.train_likelihood:
+            nll_v = values[pos]
+            pos += 1
+        grads_finite = math.isfinite(values[-1])
+        skip_step = (self.skip_policy == "step" and not kl_ok) or loss is None
+        if not grads_finite:
+            acc.nonfinite_steps += 1
+        if skip_step or not grads_finite:
+            acc.steps_skipped += 1
+        else:
+            self.optim.step()
+            if self.train_likelihood:
+                acc.nll_sum += nll_v
+                acc.nll_n += 1
+        if self.train_likelihood:
+            reports.append(nll_v)
+        if self.test_likelihood:
+            test_nll = math.nan
+            if test_sampler is not None:
+                with torch.no_grad():
+                    test_batch = _as_tuple(test_sampler.sample(batchsize))
+                    test_nll = self.bg.energy(*test_batch, temperature=temperature).mean().item()
+            reports.append(test_nll)
+        if "Custom" in getattr(self.reporter, "_labels", ()):  # the host's reporter has the label
+            reports.append(custom.item() if w_custom is not None else math.nan)
+        return reports
+
+    def _end_epoch(self, ipe: int, epoch_schedulers: Sequence) -> dict:
+        acc = self._acc
+        epoch = self.iteration // ipe - 1  # the epoch just finished
+        gate_stats = self.gate.statistics("epoch") if self.gate is not None else {}
+        n = acc.logdet_n
+        ld_mean = acc.logdet_sum / n if n else math.nan
+        ld_std = math.sqrt(max(acc.logdet_sq / n - ld_mean**2, 0.0)) if n else math.nan
+        record = {
+            "epoch": epoch,
+            "e_max": gate_stats.get("e_max", math.nan),
+            "scheduled_e_max": gate_stats.get("scheduled_e_max", math.nan),
+            "batches": acc.batches,
+            "batches_skipped": acc.batches_skipped,
+            "skip_rate": acc.batches_skipped / acc.batches if acc.batches else 0.0,
+            "steps_skipped": acc.steps_skipped,
+            "nonfinite_steps": acc.nonfinite_steps,
+            "samples": gate_stats.get("samples", 0),
+            "samples_gated": gate_stats.get("gated", 0),
+            "nonfinite": gate_stats.get("nonfinite", 0),
+            "energy_p50": gate_stats.get("energy_p50", math.nan),
+            "energy_max": gate_stats.get("energy_max", math.nan),
+            "kll": acc.kll_sum / acc.kll_n if acc.kll_n else math.nan,
+            "nll": acc.nll_sum / acc.nll_n if acc.nll_n else math.nan,
+            "logdet_mean": ld_mean,
+            "logdet_std": ld_std,
+            "lr": self.optim.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - acc.start,
+            "alerts": [],
+            "actions": [],
+        }
+        self.history.append(record)
+        stage = self.gate.schedule.stage_of(epoch) if self.gate is not None else "default"
+        for name, message in self.monitor.check(self.history, stage):
+            record["alerts"].append(message)
+            if name == "all_skipped" and self.on_stall == "relax" and self.gate is not None:
+                self.gate.relax(self.relax_factor)
+                action = f"epoch {epoch}: relaxed E_max by x{self.relax_factor:g} to {self.gate.e_max:.3g} kJ/mol"
+                record["actions"].append(action)
+                self.monitor.rearm("all_skipped", epoch + 1)
+        for scheduler in epoch_schedulers:
+            scheduler.step()
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, epoch)
+        self._acc = _EpochAccumulator()
+        if self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0:
+            self.save_checkpoint(self.checkpoint_path)
+        return record
+
+    # -- reporting ---------------------------------------------------------------------
+
+    @staticmethod
+    def summary_line(record: dict) -> str:
+        """One line describing an epoch record."""
+        return (
+            f"epoch {record['epoch']:>4}  E_max {record['e_max']:.3g} kJ/mol  "
+            f"KL skipped {record['batches_skipped']}/{record['batches']} ({record['skip_rate']:.0%})  "
+            f"gated {record['samples_gated']}/{record['samples']}  KLL {record['kll']:.4g}  "
+            f"NLL {record['nll']:.4g}  E_p50 {record['energy_p50']:.3g}  lr {record['lr']:.3g}"
+            + ("  ! " + " | ".join(record["alerts"]) if record["alerts"] else "")
+        )
+
+    def write_history(self, path: Union[str, Path]) -> None:
+        """Write the history as CSV (``.csv``) or JSON lines (``.jsonl``)."""
+        write_history(self.history, path)
+
+    # -- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly: model (gate included),
+        optimizer, counters, history, monitor, LR warm-up, data order and RNG states."""
+        sampler = next(iter(self._samplers.values()), None)
+        sampler_state = sampler.state_dict() if hasattr(sampler, "state_dict") else self._pending_sampler_state
+        return {
+            "bg": self.bg.state_dict(),
+            "optim": self.optim.state_dict(),
+            "iteration": self.iteration,
+            "iters_per_epoch": self.iters_per_epoch,
+            "history": [dict(r) for r in self.history],
+            "monitor": self.monitor.state_dict(),
+            "lr_factor": self._lr_factor,
+            "reporter": [list(r) for r in getattr(self.reporter, "_raw", [])],
+            "sampler": sampler_state,
+            "rng": self._pending_rng or {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.bg.load_state_dict(state["bg"])
+        self.optim.load_state_dict(state["optim"])
+        self.iteration = int(state["iteration"])
+        self.iters_per_epoch = state["iters_per_epoch"]
+        self.history = [dict(r) for r in state["history"]]
+        self.monitor.load_state_dict(state["monitor"])
+        self._lr_factor = float(state["lr_factor"])
+        if hasattr(self.reporter, "_raw"):
+            self.reporter._raw = [list(r) for r in state["reporter"]]
+        self._samplers = {}
+        self._pending_sampler_state = state["sampler"]
+        self._acc = _EpochAccumulator()
+        # restored when training continues, after the data sampler is rebuilt (building it
+        # draws a shuffle order from the random number generators)
+        self._pending_rng = state["rng"]
+
+    def _restore_rng(self) -> None:
+        rng, self._pending_rng = self._pending_rng, None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    def save_checkpoint(self, path: Union[str, Path]) -> Path:
+        """Write :meth:`state_dict` to ``path`` atomically (a temporary file, then a rename),
+        so a run killed mid-write leaves the previous checkpoint intact."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def resume(self, path: Union[str, Path]) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
