@@ -397,7 +397,7 @@ class HealthMonitor:
             if message:
                 self.fired[name] = epoch
                 text = f"epoch {epoch}: {message}"
-                warnings.warn(text, TrainingHealthWarning, stacklevel=3)
+                warnings.warn(text, TrainingHealthWarning, stacklevel=4)  # at the train() call
                 alerts.append((name, text))
         return alerts
 

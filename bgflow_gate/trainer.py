@@ -29,6 +29,7 @@ import torch
 
 from . import bg
 from .gate import ScheduledEnergyGate
+from .host.distributions import DataSetSampler
 from .schedules import Schedule
 from .stats import HealthMonitor, write_history
 from .validation import check_number
@@ -79,8 +80,12 @@ def _as_tuple(x) -> tuple:
 
 
 def _to_sampler(data):
-    """bgflow's convention: a tensor becomes a ``DataSetSampler``; samplers pass through."""
-    return bg.DataSetSampler(data) if isinstance(data, torch.Tensor) else data
+    """A tensor becomes a ``DataSetSampler`` (bgflow's convention); samplers pass through.
+
+    The host's ``DataSetSampler`` is used with either host: it shuffles with torch's random
+    number generator and keeps its place in ``state_dict``, so checkpoints resume exactly.
+    """
+    return DataSetSampler(data) if isinstance(data, torch.Tensor) else data
 
 
 class _EpochAccumulator:

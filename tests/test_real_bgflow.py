@@ -65,3 +65,35 @@ def test_bgflow_energies_in_kt_are_gated_in_kj_per_mol(bgflow):
     x = torch.tensor([[14.0, 0.0], [15.0, 0.0]])  # x^4 - 4x^2: 3.76e4 and 4.97e4 kT
     gate.energy(x)
     assert gate.last_gated.tolist() == [False, True]
+
+
+def test_the_progressive_trainer_is_a_bgflow_kl_trainer_and_trains_a_real_generator(bgflow):
+    from bgflow_gate import ProgressiveKLTrainer
+
+    assert issubclass(ProgressiveKLTrainer, bgflow.KLTrainer)
+    torch.manual_seed(0)
+    dim = 2
+    layers = []
+    for _ in range(2):
+        layers += [
+            bgflow.SplitFlow(1),
+            bgflow.CouplingFlow(bgflow.AffineTransformer(
+                shift_transformation=bgflow.DenseNet([1, 16, 1], activation=torch.nn.ReLU()),
+                scale_transformation=bgflow.DenseNet([1, 16, 1], activation=torch.nn.Tanh()),
+            )),
+            bgflow.SwapFlow(),
+            bgflow.InverseFlow(bgflow.SplitFlow(1)),
+        ]
+    generator = bgflow.BoltzmannGenerator(
+        bgflow.NormalDistribution(dim), bgflow.SequentialFlow(layers), bgflow.DoubleWellEnergy(dim)
+    )
+    data = torch.cat([torch.randn(512, 1) * 0.3 + torch.randint(0, 2, (512, 1)) * 4 - 2, torch.randn(512, 1)], 1)
+    trainer = ProgressiveKLTrainer(
+        generator, torch.optim.Adam(generator.parameters(), lr=5e-3), target_unit="kJ/mol",
+        schedule={"type": "three_stage", "hold_epochs": 1, "warmup_epochs": 2},
+    )
+    history = trainer.train(n_epochs=3, data=data, batchsize=64, w_energy=0.1)
+    assert [r["epoch"] for r in history] == [0, 1, 2] and trainer.iters_per_epoch == 8
+    assert history[-1]["nll"] < history[0]["nll"]
+    assert isinstance(generator._target, ScheduledEnergyGate)
+    assert trainer.reporter.losses()[0] == ("KLL", "NLL")

@@ -20,7 +20,7 @@ from bgflow_gate import (
 )
 from bgflow_gate.stats import HISTORY_KEYS
 from bgflow_gate.trainer import clip_gradient
-from targets import AffineFlow, steep_generator
+from bgflow_gate.systems.toy import ElementwiseAffineFlow, steep_well_generator
 
 FAST_THREE_STAGE = ThreeStageSchedule(1e10, 1e5, hold_epochs=5, warmup_epochs=30)
 
@@ -28,7 +28,7 @@ FAST_THREE_STAGE = ThreeStageSchedule(1e10, 1e5, hold_epochs=5, warmup_epochs=30
 def make(schedule=FAST_THREE_STAGE, lr=0.05, seed=0, **kwargs):
     """A steep-well generator (untrained energies ~1e8 kJ/mol), its data and a trainer."""
     torch.manual_seed(seed)
-    gen = steep_generator()
+    gen = steep_well_generator()
     data = gen._target.sample(2560, generator=torch.Generator().manual_seed(1))
     kwargs.setdefault("target_unit", "kJ/mol")
     trainer = ProgressiveKLTrainer(gen, torch.optim.Adam(gen.parameters(), lr=lr), schedule=schedule, **kwargs)
@@ -117,7 +117,7 @@ def test_the_generator_target_is_wrapped_in_a_default_gate_with_explicit_units()
 
 
 def test_a_target_of_unknown_unit_is_an_error_that_says_what_to_pass():
-    gen = bg.BoltzmannGenerator(bg.NormalDistribution(2), AffineFlow(2), bg.DoubleWellEnergy(2))
+    gen = bg.BoltzmannGenerator(bg.NormalDistribution(2), ElementwiseAffineFlow(2), bg.DoubleWellEnergy(2))
     with pytest.raises(ValueError, match=r"cannot be determined; pass target_unit='kJ/mol', or target_unit='kT' with temperature"):
         ProgressiveKLTrainer(gen)
 
@@ -127,11 +127,11 @@ def test_a_given_gate_must_wrap_the_generators_target():
     inner = gen._target.target
     with pytest.raises(ValueError, match="already a gate"):
         ProgressiveKLTrainer(gen, gate=ScheduledEnergyGate(inner))
-    fresh = steep_generator()
+    fresh = steep_well_generator()
     gate = ScheduledEnergyGate(fresh._target, schedule=1e6)
     assert ProgressiveKLTrainer(fresh, gate=gate).gate is gate and fresh._target is gate
     with pytest.raises(ValueError, match="must wrap the generator's target"):
-        ProgressiveKLTrainer(steep_generator(), gate=ScheduledEnergyGate(inner))
+        ProgressiveKLTrainer(steep_well_generator(), gate=ScheduledEnergyGate(inner))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Systems to train on: test systems with their energies, data and analysis."""
