@@ -464,7 +464,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             loss = w_custom * custom if loss is None else loss + w_custom * custom
         if loss is not None:
             loss.backward()
-        params = [p for p in self.bg.parameters() if p.grad is not None]
+        # the optimizer's parameters: cheaper to list than walking the module tree each step
+        params = [p for group in self.optim.param_groups for p in group["params"] if p.grad is not None]
         norm = (
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else math.inf)
             if params else torch.zeros(())
