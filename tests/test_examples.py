@@ -24,3 +24,16 @@ def test_gate_walkthrough_shows_the_legacy_schedule_gating_everything_and_the_de
     assert gated["three-stage"][-1] == 1 / 256  # only the crashed (NaN) sample
     assert "three-stage: 99 % or more of the batch gated at 0 of 7 epochs shown" in out
     assert "non-finite coordinates 7" in out
+
+
+def test_progressive_training_toy_shows_the_stall_the_fix_and_the_remedy(capsys):
+    runs = load("progressive_training_toy").main(["--epochs", "25"])
+    out = capsys.readouterr().out
+    assert all(r["skip_rate"] == 1.0 for r in runs["legacy + batch"])
+    assert all(r["skip_rate"] == 1.0 and r["steps_skipped"] == r["batches"] for r in runs["legacy + step"])
+    assert runs["legacy + drop"][0]["skip_rate"] == 1.0 and runs["legacy + drop"][-1]["skip_rate"] == 0.0
+    assert runs["legacy + drop"][-1]["energy_p50"] < 10.0
+    assert sum(r["batches_skipped"] for r in runs["three-stage + drop"]) == 0
+    assert runs["relax"][-1]["skip_rate"] == 0.0
+    assert "every KL batch was skipped for 20 epochs" in out
+    assert "remedy:  epoch 2: relaxed E_max by x100" in out

@@ -291,3 +291,24 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         trainer.resume(tmp_path / "missing.pt")
+
+
+def test_test_nll_and_custom_losses_are_reported_like_bgflow():
+    gen, data, trainer = make(iters_per_epoch=2, test_likelihood=True, custom_loss=lambda: gen.flow.shift.pow(2).sum())
+    quiet(trainer.train, 2, data=data, testdata=data, batchsize=32, w_custom=0.5)
+    labels, _, values = trainer.reporter.losses()
+    assert labels == ("KLL", "NLL", "NLL(Test)", "Custom")
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in values)
+
+
+def test_tensorboard_logging_is_optional(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(RuntimeWarning, match="log_dir needs the tensorboard package"):
+            make(log_dir=tmp_path)
+        return
+    _, data, trainer = make(iters_per_epoch=2, log_dir=tmp_path)
+    quiet(trainer.train, n_epochs=1, data=data, batchsize=32)
+    trainer._writer.flush()
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
