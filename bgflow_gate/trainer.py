@@ -229,8 +229,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         self.iteration = 0
         self.history: list[dict] = []
         self._acc = _EpochAccumulator()
-        self._samplers: dict[int, Any] = {}  # id(data) -> sampler, so passes continue across calls
-        self._pending_sampler_state: Optional[dict] = None
+        self._samplers: dict[str, tuple[int, Any]] = {}  # slot -> (id(data), sampler)
+        self._pending_sampler_state: dict[str, dict] = {}
         self._pending_rng: Optional[dict] = None
         self._lr_factor = 1.0
         self._writer = self._tensorboard(log_dir)
@@ -354,8 +354,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             raise ValueError("likelihood training needs data; pass data= to train()")
         if w_custom is not None and self.custom_loss is None:
             raise ValueError("w_custom needs a custom_loss, given to the constructor")
-        sampler = self._sampler(data)
-        test_sampler = _to_sampler(testdata)
+        sampler = self._sampler(data, "data")
+        test_sampler = self._sampler(testdata, "test")
         self._restore_rng()
         ipe = self._resolve_iters_per_epoch(data, batchsize)
         if n_epochs is not None:
@@ -393,16 +393,19 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                     )
         return self.history
 
-    def _sampler(self, data):
+    def _sampler(self, data, slot: str):
+        """The sampler of ``data`` for ``slot`` ("data" or "test"), kept across ``train()``
+        calls with the same data so that passes over it continue."""
         if data is None:
             return None
-        key = id(data)
-        if key not in self._samplers:
-            self._samplers = {key: _to_sampler(data)}
-            if self._pending_sampler_state is not None and hasattr(self._samplers[key], "load_state_dict"):
-                self._samplers[key].load_state_dict(self._pending_sampler_state)
-                self._pending_sampler_state = None
-        return self._samplers[key]
+        key, sampler = self._samplers.get(slot, (None, None))
+        if key != id(data):  # the cached sampler holds the data, so its id stays unique
+            sampler = _to_sampler(data)
+            pending = self._pending_sampler_state.pop(slot, None)
+            if pending is not None and hasattr(sampler, "load_state_dict"):
+                sampler.load_state_dict(pending)
+            self._samplers[slot] = (id(data), sampler)
+        return sampler
 
     def _apply_lr_warmup(self, it: int, ipe: int) -> None:
         if self.lr_warmup_epochs <= 0:
@@ -591,8 +594,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly: model (gate included),
         optimizer, counters, history, monitor, LR warm-up, data order and RNG states."""
-        sampler = next(iter(self._samplers.values()), None)
-        sampler_state = sampler.state_dict() if hasattr(sampler, "state_dict") else self._pending_sampler_state
+        samplers = dict(self._pending_sampler_state)
+        for slot, (_, sampler) in self._samplers.items():
+            if hasattr(sampler, "state_dict"):
+                samplers[slot] = sampler.state_dict()
         return {
             "bg": self.bg.state_dict(),
             "optim": self.optim.state_dict(),
@@ -602,7 +607,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             "monitor": self.monitor.state_dict(),
             "lr_factor": self._lr_factor,
             "reporter": [list(r) for r in getattr(self.reporter, "_raw", [])],
-            "sampler": sampler_state,
+            "samplers": samplers,
             "rng": self._pending_rng or {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -623,7 +628,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if hasattr(self.reporter, "_raw"):
             self.reporter._raw = [list(r) for r in state["reporter"]]
         self._samplers = {}
-        self._pending_sampler_state = state["sampler"]
+        self._pending_sampler_state = dict(state["samplers"])
         self._acc = _EpochAccumulator()
         # restored when training continues, after the data sampler is rebuilt (building it
         # draws a shuffle order from the random number generators)

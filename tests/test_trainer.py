@@ -259,18 +259,20 @@ def _comparable(history):
 
 
 def test_a_stopped_and_resumed_run_has_the_same_history_as_an_uninterrupted_one(tmp_path):
-    kwargs = dict(iters_per_epoch=3, checkpoint_every=2, checkpoint_path=tmp_path / "ckpt.pt")
+    kwargs = dict(iters_per_epoch=3, checkpoint_every=2, checkpoint_path=tmp_path / "ckpt.pt", test_likelihood=True)
+    fit = dict(data=None, batchsize=32, w_energy=0.5)
     _, data, full = make(**kwargs)
-    quiet(full.train, n_epochs=6, data=data, batchsize=32, w_energy=0.5)
+    quiet(full.train, n_epochs=6, **{**fit, "data": data}, testdata=data)
 
     _, data, first = make(**kwargs)
-    quiet(first.train, n_epochs=5, data=data, batchsize=32, w_energy=0.5)  # "killed" after epoch 5
+    quiet(first.train, n_epochs=5, **{**fit, "data": data}, testdata=data)  # "killed" after epoch 5
     gen, data, resumed = make(**kwargs, seed=123)  # a fresh process, other seed
     resumed.resume(tmp_path / "ckpt.pt")  # written at the end of epoch 4 (index 3)
     assert resumed.iteration == 12 and len(resumed.history) == 4
-    quiet(resumed.train, n_epochs=2, data=data, batchsize=32, w_energy=0.5)
+    quiet(resumed.train, n_epochs=2, **{**fit, "data": data}, testdata=data)
     assert _comparable(resumed.history) == _comparable(full.history)
     assert torch.equal(gen.flow.shift, full.bg.flow.shift)
+    assert resumed.reporter.losses()[2][2].tolist() == full.reporter.losses()[2][2].tolist()  # test NLL
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
