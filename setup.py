@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+OPENMM = ["openmm>=8.1", "openmmtools>=0.23", "mdtraj>=1.9"]
+
 setup(
     name="bgflow-gate",
     version="0.1.0",
@@ -15,9 +17,12 @@ setup(
         "torch>=2.1,<3",
         "numpy>=1.24",
         "pyyaml>=6",
+        "zuko>=1.1",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
+        # molecular systems: OpenMM energies, openmmtools' alanine dipeptide, mdtraj topologies
+        "openmm": OPENMM,
+        "dev": ["pytest>=7", *OPENMM],
     },
     entry_points={"console_scripts": ["bgflow-gate=bgflow_gate.cli:main"]},
     classifiers=[

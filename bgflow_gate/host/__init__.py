@@ -51,4 +51,21 @@ __all__ = [
     "DenseNet",
     "KLTrainer",
     "LossReporter",
+    "OpenMMBridge",
+    "OpenMMEnergy",
 ]
+
+# OpenMM is optional and slow to import: its classes load on first use.
+_LAZY = {"OpenMMBridge": ".openmm", "OpenMMEnergy": ".openmm"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
