@@ -26,6 +26,7 @@ from .generator import (
     sampling_efficiency,
 )
 from .nn import DenseNet
+from .splines import ConditionalSplineTransformer
 from .training import KLTrainer, LossReporter
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "CouplingFlow",
     "Transformer",
     "AffineTransformer",
+    "ConditionalSplineTransformer",
     "DenseNet",
     "KLTrainer",
     "LossReporter",
