@@ -25,6 +25,7 @@ from .generator import (
     log_weights_given_latent,
     sampling_efficiency,
 )
+from .ic import GlobalInternalCoordinateTransformation, MixedCoordinateTransformation
 from .nn import DenseNet
 from .splines import ConditionalSplineTransformer
 from .training import KLTrainer, LossReporter
@@ -50,6 +51,8 @@ __all__ = [
     "Transformer",
     "AffineTransformer",
     "ConditionalSplineTransformer",
+    "GlobalInternalCoordinateTransformation",
+    "MixedCoordinateTransformation",
     "DenseNet",
     "KLTrainer",
     "LossReporter",

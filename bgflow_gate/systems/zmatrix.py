@@ -1,0 +1,395 @@
+"""Z-matrices built from a molecule's bond graph, for the internal-coordinate transforms.
+
+A z-matrix row ``[atom, bond_ref, angle_ref, torsion_ref]`` places ``atom`` by its
+distance to ``bond_ref``, the angle ``atom-bond_ref-angle_ref`` and the dihedral
+``atom-bond_ref-angle_ref-torsion_ref`` (bgflow's convention).  Two kinds are built:
+
+* **relative** (``fixed_atoms`` given, at least 3): one row per atom outside the fixed
+  block, no ``-1``; for :class:`~bgflow_gate.host.ic.MixedCoordinateTransformation` (or
+  bgflow's ``MixedCoordinateTransformation`` / ``RelativeInternalCoordinateTransformation``).
+* **global** (``fixed_atoms=None``): one row per atom; the first three rows are
+  ``[a, -1, -1, -1]``, ``[b, a, -1, -1]``, ``[c, b, a, -1]`` (``-1`` = missing
+  reference); for ``GlobalInternalCoordinateTransformation``.
+
+Rows are ordered so that every reference is placed before it is used (by the fixed block
+or an earlier row), which :func:`validate_z_matrix` checks.
+
+Examples
+--------
+Isobutane's carbon skeleton (a central carbon 1 bonded to 0, 2 and 3):
+
+>>> build_z_matrix(4, [(0, 1), (1, 2), (1, 3)])
+array([[ 1, -1, -1, -1],
+       [ 0,  1, -1, -1],
+       [ 2,  1,  0, -1],
+       [ 3,  1,  0,  2]])
+>>> z = build_z_matrix(6, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], fixed_atoms=[1, 2, 3])
+>>> z
+array([[0, 1, 2, 3],
+       [4, 3, 2, 1],
+       [5, 4, 3, 2]])
+>>> validate_z_matrix(z, 6, fixed_atoms=[1, 2, 3]).shape
+(3, 4)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["build_z_matrix", "z_matrix_from_topology", "validate_z_matrix"]
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+
+
+def _int_array(values, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integer atom indices, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _fixed_array(fixed_atoms, n_atoms: int) -> np.ndarray:
+    fixed = _int_array(fixed_atoms, "fixed_atoms").reshape(-1)
+    bad = [int(i) for i in fixed if not 0 <= i < n_atoms]
+    if bad:
+        raise ValueError(f"fixed_atoms {bad} out of range [0, {n_atoms})")
+    if len(set(fixed.tolist())) != len(fixed):
+        raise ValueError(f"fixed_atoms must be distinct, got {fixed.tolist()}")
+    return fixed
+
+
+def validate_z_matrix(
+    z_matrix, n_atoms: int, fixed_atoms: Optional[Sequence[int]] = None
+) -> np.ndarray:
+    """Check that a z-matrix places every atom exactly once from already placed atoms.
+
+    Parameters
+    ----------
+    z_matrix : array_like of int, shape [n_rows, 4]
+        Rows ``[atom, bond_ref, angle_ref, torsion_ref]``; ``-1`` marks a missing
+        reference.
+    n_atoms : int
+        Number of atoms of the system.
+    fixed_atoms : sequence of int, optional
+        Atoms placed before the first row (kept Cartesian).  ``None`` for a global
+        z-matrix.
+
+    Returns
+    -------
+    np.ndarray
+        The z-matrix as an ``int64`` array of shape ``[n_rows, 4]``.
+
+    Raises
+    ------
+    ValueError
+        Naming the offending row when: the shape is not ``[n_rows, 4]``; an index is out
+        of range; a row's references are not distinct (from each other and from its
+        atom); an atom is placed twice (by two rows, or by a row and ``fixed_atoms``); a
+        reference is used before it is placed; a row has a missing reference (``-1``)
+        although enough atoms are placed, or ``-1`` not as a trailing entry.  Also when
+        some atoms are placed neither by ``fixed_atoms`` nor by any row.
+
+    Notes
+    -----
+    A row has ``min(3, n_placed)`` references, ``n_placed`` being the number of atoms
+    placed before it, and the rest ``-1``: with ``fixed_atoms`` of at least 3 atoms no
+    ``-1`` at all; for a global z-matrix the first three rows have 3, 2 and 1 ``-1``.
+    """
+    if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
+        raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
+    z = _int_array(z_matrix, "z_matrix")
+    if z.size == 0:
+        z = z.reshape(0, 4)
+    if z.ndim != 2 or z.shape[1] != 4:
+        raise ValueError(f"z_matrix must have shape [n_rows, 4], got {list(z.shape)}")
+    fixed = [] if fixed_atoms is None else _fixed_array(fixed_atoms, n_atoms).tolist()
+    placed_by = {atom: "fixed_atoms" for atom in fixed}
+    for r, row in enumerate(z.tolist()):
+        atom, refs = row[0], row[1:]
+        where = f"z-matrix row {r} {row}"
+        if not 0 <= atom < n_atoms:
+            raise ValueError(f"{where}: atom index {atom} out of range [0, {n_atoms})")
+        for ref in refs:
+            if ref != -1 and not 0 <= ref < n_atoms:
+                raise ValueError(
+                    f"{where}: reference {ref} out of range [0, {n_atoms}) (use -1 for a "
+                    "missing reference)"
+                )
+        n_given = sum(ref != -1 for ref in refs)
+        if any(ref == -1 for ref in refs[:n_given]):
+            raise ValueError(f"{where}: missing references (-1) must be the trailing entries")
+        expected = min(3, len(placed_by))
+        if n_given != expected:
+            raise ValueError(
+                f"{where}: has {n_given} reference(s) but {expected} are required "
+                f"({len(placed_by)} atoms are placed before this row)"
+            )
+        given = refs[:n_given]
+        if len(set([atom] + given)) != 1 + n_given:
+            raise ValueError(f"{where}: the atom and its references must be distinct")
+        if atom in placed_by:
+            raise ValueError(f"{where}: atom {atom} is placed twice (also by {placed_by[atom]})")
+        for ref in given:
+            if ref not in placed_by:
+                raise ValueError(f"{where}: reference {ref} is used before it is placed")
+        placed_by[atom] = f"row {r}"
+    missing = sorted(set(range(n_atoms)) - set(placed_by))
+    if missing:
+        raise ValueError(
+            f"atoms {missing} are never placed (neither in fixed_atoms nor in any z-matrix row)"
+        )
+    return z
+
+
+# --------------------------------------------------------------------------------------
+# construction
+# --------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """Adjacency and cached graph distances of a bond graph."""
+
+    def __init__(self, n_atoms: int, bonds: Iterable, heavy: np.ndarray):
+        self.n = n_atoms
+        self.heavy = heavy
+        self.neighbors: list[set[int]] = [set() for _ in range(n_atoms)]
+        for k, bond in enumerate(bonds):
+            pair = _int_array(bond, "bonds").reshape(-1).tolist()
+            if len(pair) != 2:
+                raise ValueError(f"bond {k} must be a pair of atom indices, got {bond!r}")
+            i, j = pair
+            if not (0 <= i < n_atoms and 0 <= j < n_atoms):
+                raise ValueError(f"bond {k} ({i}, {j}) has an atom index out of range [0, {n_atoms})")
+            if i == j:
+                raise ValueError(f"bond {k} ({i}, {j}) bonds an atom to itself")
+            self.neighbors[i].add(j)
+            self.neighbors[j].add(i)
+        self._distances: dict[int, np.ndarray] = {}
+
+    def distances(self, source: int) -> np.ndarray:
+        if source not in self._distances:
+            dist = np.full(self.n, np.iinfo(np.int64).max, dtype=np.int64)
+            dist[source] = 0
+            queue = deque([source])
+            while queue:
+                i = queue.popleft()
+                for j in self.neighbors[i]:
+                    if dist[j] > dist[i] + 1:
+                        dist[j] = dist[i] + 1
+                        queue.append(j)
+            self._distances[source] = dist
+        return self._distances[source]
+
+    def rank(self, atoms: Iterable[int], near: Optional[int] = None) -> list[int]:
+        """Sort atoms: closest to ``near`` first (if given), heavy first, then by index."""
+        dist = self.distances(near) if near is not None else None
+        return sorted(
+            atoms,
+            key=lambda a: (0 if dist is None else int(dist[a]), not self.heavy[a], a),
+        )
+
+
+def _choose_references(graph: _Graph, atom: int, bond_ref: int, placed: set[int]) -> list[int]:
+    """Angle and torsion references for ``atom`` bonded to the placed ``bond_ref``.
+
+    Prefers a bonded chain ``atom-bond_ref-angle_ref-torsion_ref``; then an improper
+    torsion reference (another placed neighbour of ``bond_ref``); then any placed atoms,
+    closest in the graph first.  The three references are always distinct.
+    """
+    nb = graph.neighbors
+    angle_candidates = graph.rank(n for n in nb[bond_ref] if n in placed and n != atom)
+    for angle_ref in angle_candidates:
+        chain = graph.rank(n for n in nb[angle_ref] if n in placed and n not in (atom, bond_ref))
+        if chain:
+            return [angle_ref, chain[0]]
+    if angle_candidates:
+        angle_ref = angle_candidates[0]
+        improper = [n for n in angle_candidates[1:]]
+        if improper:
+            return [angle_ref, improper[0]]
+    else:
+        others = [p for p in placed if p not in (atom, bond_ref)]
+        angle_ref = graph.rank(others, near=bond_ref)[0]
+    others = [p for p in placed if p not in (atom, bond_ref, angle_ref)]
+    return [angle_ref, graph.rank(others, near=angle_ref)[0]]
+
+
+def build_z_matrix(
+    n_atoms: int,
+    bonds: Iterable[Sequence[int]],
+    fixed_atoms: Optional[Sequence[int]] = None,
+    heavy: Optional[Sequence[bool]] = None,
+) -> np.ndarray:
+    """Build a z-matrix from a molecule's bond graph.
+
+    Atoms are placed breadth-first outward from the fixed block (or, for a global
+    z-matrix, from a central heavy atom), each bonded to its bond reference.  The angle
+    and torsion references continue the bonded chain ``atom-bond_ref-angle_ref-
+    torsion_ref`` where the graph allows; otherwise the torsion reference is another
+    placed neighbour of ``bond_ref`` (an improper torsion), and failing that any placed
+    atoms, closest in the graph first, always distinct.  Heavy atoms are preferred as
+    references and placed before hydrogens.
+
+    Parameters
+    ----------
+    n_atoms : int
+        Number of atoms.
+    bonds : iterable of (int, int)
+        The bonds (pairs of atom indices).  All atoms must be connected to the fixed
+        block (or, for a global z-matrix, to each other).
+    fixed_atoms : sequence of int, optional
+        The block kept Cartesian (at least 3 atoms).  ``None`` builds a global
+        z-matrix.
+    heavy : sequence of bool, optional
+        Per atom, whether it is a heavy (non-hydrogen) atom; default: all heavy.
+
+    Returns
+    -------
+    np.ndarray
+        ``int64`` array of shape ``[n_atoms - len(fixed_atoms), 4]`` (relative) or
+        ``[n_atoms, 4]`` (global, first rows with ``-1``), valid by
+        :func:`validate_z_matrix`.
+
+    Raises
+    ------
+    ValueError
+        For invalid indices, fewer than 3 fixed atoms, a ``heavy`` of the wrong length, or
+        atoms that are not connected by bonds to the fixed block / the rest of the
+        molecule.
+
+    Notes
+    -----
+    The references are chosen from the graph only; a torsion whose three reference
+    atoms are collinear (e.g. along an alkyne) is ill-defined and should be avoided by
+    hand.
+    """
+    if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
+        raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
+    n_atoms = int(n_atoms)
+    if heavy is None:
+        heavy_arr = np.ones(n_atoms, dtype=bool)
+    else:
+        heavy_arr = np.asarray(heavy, dtype=bool).reshape(-1)
+        if len(heavy_arr) != n_atoms:
+            raise ValueError(f"heavy must have one entry per atom ({n_atoms}), got {len(heavy_arr)}")
+    graph = _Graph(n_atoms, bonds, heavy_arr)
+
+    rows: list[list[int]] = []
+    if fixed_atoms is not None:
+        fixed = _fixed_array(fixed_atoms, n_atoms).tolist()
+        if len(fixed) < 3:
+            raise ValueError(
+                f"fixed_atoms needs at least 3 atoms, got {fixed}; use fixed_atoms=None for a "
+                "global z-matrix"
+            )
+        order = list(fixed)
+    else:
+        order = _initial_atoms(graph)
+        a = order[0]
+        rows.append([a, -1, -1, -1])
+        if len(order) > 1:
+            rows.append([order[1], a, -1, -1])
+        if len(order) > 2:
+            b, c = order[1], order[2]
+            rows.append([c, b, a, -1] if b in graph.neighbors[c] else [c, a, b, -1])
+    placed = set(order)
+    queue = deque(order)
+    while queue:
+        bond_ref = queue.popleft()
+        for atom in graph.rank(n for n in graph.neighbors[bond_ref] if n not in placed):
+            rows.append([atom, bond_ref, *_choose_references(graph, atom, bond_ref, placed)])
+            placed.add(atom)
+            queue.append(atom)
+    unreached = sorted(set(range(n_atoms)) - placed)
+    if unreached:
+        start = "the fixed atoms" if fixed_atoms is not None else f"atom {order[0]}"
+        raise ValueError(f"atoms {unreached} are not connected by bonds to {start}")
+    z = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    return validate_z_matrix(z, n_atoms, fixed_atoms)
+
+
+def _initial_atoms(graph: _Graph) -> list[int]:
+    """First (up to) three atoms of a global z-matrix: a central heavy atom ``a``, a
+    neighbour ``b`` of it and a neighbour ``c`` of ``b`` (or of ``a``)."""
+    candidates = [i for i in range(graph.n) if graph.heavy[i]] or list(range(graph.n))
+
+    def key(i):
+        dist = graph.distances(i)
+        reachable = dist[dist < np.iinfo(np.int64).max]
+        n_heavy_nb = sum(bool(graph.heavy[j]) for j in graph.neighbors[i])
+        return (-len(reachable), int(reachable.max()), -n_heavy_nb, i)
+
+    a = min(candidates, key=key)
+    if not graph.neighbors[a]:
+        return [a]
+    # b bonded to a; c bonded to b (a chain c-b-a) or else to a; heavy atoms first
+    pairs = []
+    for b in graph.neighbors[a]:
+        pairs += [(b, c, True) for c in graph.neighbors[b] - {a}]
+        pairs += [(b, c, False) for c in graph.neighbors[a] - {b}]
+    if not pairs:
+        return [a, graph.rank(graph.neighbors[a])[0]]
+    b, c, _ = min(
+        pairs,
+        key=lambda p: (not graph.heavy[p[0]], not graph.heavy[p[1]], not p[2], p[0], p[1]),
+    )
+    return [a, b, c]
+
+
+def _topology_graph(topology):
+    """``(n_atoms, bonds, heavy)`` of an mdtraj or openmm.app topology."""
+    if hasattr(topology, "getNumAtoms") and hasattr(topology, "bonds"):  # openmm.app
+        atoms = list(topology.atoms())
+        bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    elif hasattr(topology, "n_atoms") and hasattr(topology, "bonds"):  # mdtraj
+        atoms = list(topology.atoms)
+        bonds = [(b[0].index, b[1].index) for b in topology.bonds]
+    else:
+        raise TypeError(
+            f"topology must be an mdtraj.Topology or an openmm.app.Topology, got {type(topology).__name__}"
+        )
+
+    def is_heavy(atom) -> bool:
+        element = getattr(atom, "element", None)
+        symbol = getattr(element, "symbol", None)
+        return symbol not in ("H", "D")
+
+    heavy = [is_heavy(atom) for atom in atoms]
+    return len(atoms), bonds, heavy
+
+
+def z_matrix_from_topology(topology, fixed_atoms: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Build a z-matrix from the bonds of an mdtraj or openmm topology.
+
+    Parameters
+    ----------
+    topology : mdtraj.Topology or openmm.app.Topology
+        Must contain the bonds (e.g. from a PDB with CONECT records or a force-field
+        topology).  Hydrogens (element H or D) are not used as references when a heavy
+        atom can be.
+    fixed_atoms : sequence of int, optional
+        The block kept Cartesian (at least 3 atoms); ``None`` for a global z-matrix.
+
+    Returns
+    -------
+    np.ndarray
+        The z-matrix, see :func:`build_z_matrix`.
+
+    Raises
+    ------
+    TypeError
+        If ``topology`` is neither kind of topology.
+    ValueError
+        As :func:`build_z_matrix`, e.g. when the topology has no bonds.
+    """
+    n_atoms, bonds, heavy = _topology_graph(topology)
+    return build_z_matrix(n_atoms, bonds, fixed_atoms=fixed_atoms, heavy=heavy)
