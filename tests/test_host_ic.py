@@ -23,6 +23,7 @@ from bgflow_gate.host.ic import (
     place_atoms,
     torsion_angles,
 )
+from molecules import alanine_openmm
 from bgflow_gate.systems.zmatrix import z_matrix_from_topology
 
 ALANINE_BLOCK = [6, 8, 9, 10, 14]
@@ -108,12 +109,7 @@ def inverse_log_det_on_shape_space(transform, ic_values):
 @pytest.fixture(scope="module")
 def alanine():
     """Alanine dipeptide (vacuum, no constraints): openmm topology and positions (nm)."""
-    testsystems = pytest.importorskip("openmmtools.testsystems")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        system = testsystems.AlanineDipeptideVacuum(constraints=None)
-    positions = np.asarray(system.positions.value_in_unit(system.positions.unit), dtype=np.float64)
-    return system.topology, positions
+    return alanine_openmm()
 
 
 def alanine_frames(positions: np.ndarray, n: int, seed: int, noise: float = 0.005) -> torch.Tensor:

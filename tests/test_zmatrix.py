@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bgflow_gate.host.ic import GlobalInternalCoordinateTransformation, MixedCoordinateTransformation
+from molecules import alanine_openmm
 from bgflow_gate.systems.zmatrix import build_z_matrix, validate_z_matrix, z_matrix_from_topology
 
 ALANINE_BLOCK = [6, 8, 9, 10, 14]
@@ -26,12 +27,8 @@ BRANCHED_BONDS = [(5, 0), (0, 3), (3, 1), (1, 7), (0, 2), (3, 6), (1, 4)]
 
 @pytest.fixture(scope="module")
 def alanine():
-    testsystems = pytest.importorskip("openmmtools.testsystems")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        system = testsystems.AlanineDipeptideVacuum(constraints=None)
-    positions = np.asarray(system.positions.value_in_unit(system.positions.unit), dtype=np.float64)
-    return system.topology, positions
+    """Alanine dipeptide (vacuum, no constraints): openmm topology and positions (nm)."""
+    return alanine_openmm()
 
 
 def bond_set(bonds):
