@@ -5,6 +5,12 @@ Sub-commands
 schedule
     Print an E_max schedule as a table: the default, an experiment's from the
     experiments file, or one given by options.
+data
+    Generate (or load from the cache) an experiment's alanine dipeptide training data by
+    replica exchange, and check it.
+check-data
+    Check a dataset file: finite coordinates, energies against the force field, basins,
+    statistical inefficiency.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from .config import DEFAULT_CONFIG, ConfigError, experiment_schedule
+from .config import DEFAULT_CONFIG, ConfigError, data_settings, experiment_schedule, load_experiments
 from .schedules import SCHEDULE_TYPES, schedule_from_dict
 from .units import kt_in_kjmol
 
@@ -79,7 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--temperature", type=float, help="also show E_max in kT at this temperature (K)")
     sched.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sched.set_defaults(func=_cmd_schedule)
+
+    data = sub.add_parser(
+        "data",
+        help="generate an experiment's training data (replica exchange), or load it from the cache",
+        description=(
+            "Run the replica exchange of the experiment's data section (alanine dipeptide, OpenMM), "
+            "keep the coldest replica's frames, store them in the cache and check them. A second "
+            "call with the same settings loads the cached file."
+        ),
+    )
+    data.add_argument("--experiment", required=True, help="experiment name in the experiments file")
+    data.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiments file (default: %(default)s)")
+    data.add_argument("--data-dir", default="data", help="cache directory (default: %(default)s)")
+    data.add_argument("--quiet", action="store_true", help="no progress line")
+    data.set_defaults(func=_cmd_data)
+
+    check = sub.add_parser("check-data", help="check a dataset file", description="Check a dataset file.")
+    check.add_argument("path", help="a .npz file written by 'bgflow-gate data'")
+    check.set_defaults(func=_cmd_check_data)
     return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> str:
+    from .systems.analysis import format_validation, validate_dataset
+    from .systems.data import generate_dataset
+
+    settings = data_settings(load_experiments(args.config), args.experiment, source=args.config)
+    dataset = generate_dataset(settings, args.data_dir, progress=not args.quiet)
+    origin = "loaded from the cache" if dataset.from_cache else "generated"
+    return f"{dataset.path} ({origin})\n" + format_validation(validate_dataset(dataset))
+
+
+def _cmd_check_data(args: argparse.Namespace) -> str:
+    from .systems.analysis import format_validation, validate_dataset
+    from .systems.data import load_dataset
+
+    try:
+        dataset = load_dataset(args.path)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    return format_validation(validate_dataset(dataset))
 
 
 def _cmd_schedule(args: argparse.Namespace) -> str:

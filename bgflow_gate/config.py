@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import difflib
+from dataclasses import fields as dataclass_fields
+
 import yaml
 
 from .schedules import Schedule, schedule_from_dict
@@ -22,6 +25,7 @@ __all__ = [
     "load_experiments",
     "gate_settings",
     "experiment_schedule",
+    "data_settings",
 ]
 
 #: The experiments file the command line reads unless told otherwise.
@@ -39,6 +43,18 @@ GATE_DEFAULTS: dict[str, Any] = {
 
 class ConfigError(ValueError):
     """An experiments file or one of its settings is invalid; the message names where."""
+
+
+def _reject_unknown(section: Mapping, accepted, prefix: str, where: str) -> None:
+    """An error naming every unknown key of ``section`` and the closest accepted one."""
+    unknown = sorted(set(section) - set(accepted))
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), list(accepted), n=1)
+        parts.append(f"{prefix}.{key}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"{where}unknown key(s) {', '.join(parts)}; accepted: {', '.join(accepted)}")
 
 
 def load_experiments(path: Union[str, Path]) -> dict[str, dict]:
@@ -72,12 +88,7 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     section = experiments[name].get("gate", {}) or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}{name}.gate must be a mapping")
-    unknown = set(section) - set(GATE_DEFAULTS)
-    if unknown:
-        raise ConfigError(
-            f"{where}unknown key(s) {', '.join(f'{name}.gate.{k}' for k in sorted(unknown))}; "
-            f"accepted: {', '.join(GATE_DEFAULTS)}"
-        )
+    _reject_unknown(section, GATE_DEFAULTS, f"{name}.gate", where)
     merged = {**GATE_DEFAULTS, **section}
     out: dict[str, Any] = {}
     checks = {
@@ -106,3 +117,24 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
 def experiment_schedule(path: Union[str, Path], name: str) -> Schedule:
     """The schedule of experiment ``name`` in the file at ``path``."""
     return gate_settings(load_experiments(path), name, source=str(path))["schedule"]
+
+
+def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str = ""):
+    """The validated ``data`` section of experiment ``name`` as
+    :class:`~bgflow_gate.systems.data.ReplicaExchangeSettings` (omitted keys take its defaults)."""
+    from .systems.data import ReplicaExchangeSettings
+
+    where = f"{source}: " if source else ""
+    if name not in experiments:
+        raise ConfigError(
+            f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}"
+        )
+    section = experiments[name].get("data", {}) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}{name}.data must be a mapping")
+    accepted = [f.name for f in dataclass_fields(ReplicaExchangeSettings)]
+    _reject_unknown(section, accepted, f"{name}.data", where)
+    try:
+        return ReplicaExchangeSettings(**section)
+    except ValueError as err:
+        raise ConfigError(f"{where}{name}.data: {err}") from None

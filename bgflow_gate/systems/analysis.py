@@ -1,0 +1,101 @@
+"""Analysis of alanine dipeptide samples: basins, statistical inefficiency, dataset checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .alanine import alanine_dipeptide, phi_psi
+
+__all__ = ["basin_fractions", "statistical_inefficiency", "validate_dataset", "format_validation"]
+
+#: Basins of the phi/psi plane (degrees): phi < 0 splits at phi = -120 into C5/beta (extended)
+#: and C7eq/alpha_R; phi > 0 holds C7ax/alpha_L.
+BASINS = {
+    "C5/beta": lambda phi, psi: phi < -120.0,
+    "C7eq/alphaR": lambda phi, psi: (phi >= -120.0) & (phi < 0.0),
+    "phi>0 (C7ax/alphaL)": lambda phi, psi: phi >= 0.0,
+}
+
+
+def basin_fractions(phi: np.ndarray, psi: np.ndarray) -> dict[str, float]:
+    """Fraction of samples in each basin of :data:`BASINS` (angles in radians)."""
+    phi_d, psi_d = np.degrees(phi), np.degrees(psi)
+    return {name: float(np.mean(test(phi_d, psi_d))) for name, test in BASINS.items()}
+
+
+def statistical_inefficiency(series: np.ndarray) -> float:
+    """``g = 1 + 2 sum_t (1 - t/N) C(t)``, the autocorrelation summed until it first drops
+    below zero; ``N / g`` is the number of effectively independent samples."""
+    x = np.asarray(series, dtype=float)
+    n = len(x)
+    x = x - x.mean()
+    var = np.dot(x, x) / n
+    if n < 2 or var == 0:
+        return 1.0
+    g = 1.0
+    for t in range(1, n - 1):
+        c = np.dot(x[:-t], x[t:]) / ((n - t) * var)
+        if c <= 0:
+            break
+        g += 2.0 * c * (1.0 - t / n)
+    return max(g, 1.0)
+
+
+def validate_dataset(dataset, n_energy_checks: int = 200) -> dict[str, Any]:
+    """Check a dataset: finite coordinates, energies recomputed with the force field, phi/psi
+    coverage of the basins, crossings between phi < 0 and phi > 0, statistical inefficiency."""
+    import openmm
+    from openmm import unit
+
+    positions = dataset.positions.astype(np.float64)
+    finite = bool(np.isfinite(positions).all())
+    system = alanine_dipeptide(dataset.settings.solvent)
+    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    idx = np.unique(np.linspace(0, len(positions) - 1, min(n_energy_checks, len(positions))).astype(int))
+    diffs = []
+    for i in idx:
+        context.setPositions(positions[i].reshape(-1, 3))
+        e = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        diffs.append(abs(e - dataset.energies[i]))
+    phi, psi = (a.numpy() for a in phi_psi(torch.as_tensor(positions)))
+    sign = phi >= 0
+    return {
+        "frames": len(positions),
+        "finite": finite,
+        "energy_checked": len(idx),
+        "energy_max_abs_diff_kjmol": float(max(diffs)),
+        "energy_mean_kjmol": float(np.mean(dataset.energies)),
+        "basins": basin_fractions(phi, psi),
+        "phi_crossings": int(np.count_nonzero(np.diff(sign.astype(int)))),
+        "g_energy": statistical_inefficiency(dataset.energies),
+        "g_phi": statistical_inefficiency(np.cos(phi)),
+        "acceptance": [float(a) for a in dataset.acceptance],
+        "seconds": dataset.seconds,
+    }
+
+
+def format_validation(report: dict[str, Any]) -> str:
+    """A readable account of :func:`validate_dataset`'s report, with verdicts."""
+    ok = lambda flag: "ok" if flag else "PROBLEM"  # noqa: E731
+    basins = report["basins"]
+    lines = [
+        f"frames: {report['frames']}, coordinates finite: {ok(report['finite'])}",
+        f"energies recomputed on {report['energy_checked']} frames: max |diff| "
+        f"{report['energy_max_abs_diff_kjmol']:.2e} kJ/mol ({ok(report['energy_max_abs_diff_kjmol'] < 1e-2)}), "
+        f"mean {report['energy_mean_kjmol']:.2f} kJ/mol",
+        "basins: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in basins.items())
+        + f" ({ok(basins['C5/beta'] > 0 and basins['C7eq/alphaR'] > 0)} for phi < 0; phi > 0 "
+        f"{'sampled' if basins['phi>0 (C7ax/alphaL)'] > 0 else 'NOT sampled'})",
+        f"phi sign changes: {report['phi_crossings']}",
+        f"statistical inefficiency: energy {report['g_energy']:.1f}, cos(phi) {report['g_phi']:.1f} "
+        f"(~{report['frames'] / report['g_phi']:.0f} independent frames for the phi distribution)",
+    ]
+    if report["acceptance"]:
+        lines.append("exchange acceptance: " + " ".join(f"{a:.2f}" for a in report["acceptance"]))
+    if not math.isnan(report["seconds"]):
+        lines.append(f"generated in {report['seconds']:.0f} s")
+    return "\n".join(lines)
