@@ -40,7 +40,7 @@ def test_default_config_path_is_configs_experiments_yaml():
 
 def test_repo_config_defines_default_legacy_linear_and_lenient():
     experiments = load_experiments(REPO_CONFIG)
-    assert set(experiments) == {"default", "legacy_linear", "lenient"}
+    assert set(experiments) == {"default", "legacy_linear", "lenient", "smoke"}
 
 
 def test_repo_default_experiment_uses_the_default_three_stage_schedule():
@@ -62,7 +62,7 @@ def test_repo_lenient_experiment_has_longer_warmup_and_higher_final_e_max():
 
 
 def test_accepts_a_path_given_as_string():
-    assert set(load_experiments(str(REPO_CONFIG))) == {"default", "legacy_linear", "lenient"}
+    assert set(load_experiments(str(REPO_CONFIG))) == {"default", "legacy_linear", "lenient", "smoke"}
 
 
 # -- defaults --------------------------------------------------------------------------------
