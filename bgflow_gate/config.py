@@ -16,7 +16,7 @@ import yaml
 
 from .schedules import Schedule, schedule_from_dict
 from .units import check_temperature, parse_unit
-from .validation import check_number
+from .validation import check_number, check_open_fraction
 
 __all__ = [
     "ConfigError",
@@ -102,9 +102,12 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
         except ValueError as err:
             raise ConfigError(f"{where}{err}") from None
     q = merged["adaptive_quantile"]
-    if q is not None and not (isinstance(q, (int, float)) and 0 < q < 1):
-        raise ConfigError(f"{where}{name}.gate.adaptive_quantile must be null or lie in (0, 1), got {q!r}")
-    out["adaptive_quantile"] = q
+    try:
+        if q is not None and (isinstance(q, (str, bool)) or not isinstance(q, (int, float))):
+            raise ValueError("not a number")
+        out["adaptive_quantile"] = None if q is None else check_open_fraction(q, "adaptive_quantile")
+    except ValueError:
+        raise ConfigError(f"{where}{name}.gate.adaptive_quantile must be null or lie in (0, 1), got {q!r}") from None
     try:
         out["schedule"] = schedule_from_dict(merged["schedule"])
     except ValueError as err:

@@ -28,7 +28,7 @@ from . import bg
 from .schedules import Schedule, as_schedule, schedule_from_dict
 from .stats import EnergyStatistics, GateReason
 from .units import KJ_PER_MOL, KT, check_temperature, kt_in_kjmol, parse_unit
-from .validation import check_number
+from .validation import check_number, check_open_fraction
 
 __all__ = ["ScheduledEnergyGate", "soft_cut"]
 
@@ -46,6 +46,14 @@ def soft_cut(u: torch.Tensor, cut: float) -> torch.Tensor:
 
 def _soft_cut_value(u: float, cut: float) -> float:
     return cut + math.log1p(u - cut) if u > cut else u
+
+
+class _EveryFailure(Exception):
+    """Internal: the target raised for every sample of a (sub)batch."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _GateGradient(torch.autograd.Function):
@@ -162,12 +170,7 @@ class ScheduledEnergyGate(bg.Energy):
             None if temperature is None else check_temperature(temperature)
         )
         if adaptive_quantile is not None:
-            q = float(adaptive_quantile)
-            if not 0.0 < q < 1.0:
-                raise ValueError(
-                    f"adaptive_quantile must lie strictly between 0 and 1, got {adaptive_quantile!r}"
-                )
-            adaptive_quantile = q
+            adaptive_quantile = check_open_fraction(adaptive_quantile, "adaptive_quantile")
         self.adaptive_quantile = adaptive_quantile
         # kJ/mol per unit of the target's energies
         self._unit_in_kjmol = (
@@ -284,25 +287,44 @@ class ScheduledEnergyGate(bg.Energy):
         for (``None`` when it raised for none).
 
         A batch the target raises for is split in halves until the failing samples are
-        isolated, so the rest keep their energies.
+        isolated, so the rest keep their energies. A target that raises for every sample
+        (a bug rather than a bad configuration) or for an empty batch re-raises.
         """
+        try:
+            return self._evaluate_isolating(xs, kwargs)
+        except _EveryFailure as failure:
+            raise failure.error
+
+    def _evaluate_isolating(self, xs, kwargs):
         m = xs[0].shape[0]
         try:
             energy = self.target.energy(*xs, **kwargs)
         except Exception as err:
+            if m == 0:
+                raise
             if m == 1:
-                if not self._warned_target_error:
-                    self._warned_target_error = True
-                    warnings.warn(
-                        f"the target raised {type(err).__name__}: {err} -- the sample is "
-                        f"gated (reason TARGET_ERROR); later errors are only counted",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                nan = torch.full((1, 1), math.nan, dtype=xs[0].dtype, device=xs[0].device)
-                return nan, torch.ones(1, dtype=torch.bool, device=xs[0].device)
+                raise _EveryFailure(err) from err
             half = m // 2
-            parts = [self._evaluate([x[:half] for x in xs], kwargs), self._evaluate([x[half:] for x in xs], kwargs)]
+            parts, failures = [], []
+            for part in ([x[:half] for x in xs], [x[half:] for x in xs]):
+                try:
+                    parts.append(self._evaluate_isolating(part, kwargs))
+                except _EveryFailure as failure:
+                    failures.append(failure)
+                    n = part[0].shape[0]
+                    nan = torch.full((n, 1), math.nan, dtype=xs[0].dtype, device=xs[0].device)
+                    parts.append((nan, torch.ones(n, dtype=torch.bool, device=xs[0].device)))
+            if len(failures) == 2:
+                raise _EveryFailure(failures[0].error) from err
+            if not self._warned_target_error:
+                self._warned_target_error = True
+                first = failures[0].error if failures else err
+                warnings.warn(
+                    f"the target raised {type(first).__name__}: {first} -- the samples it raised "
+                    f"for are gated (reason TARGET_ERROR); later errors are only counted",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
             errors = [
                 e if e is not None else torch.zeros(len(r), dtype=torch.bool, device=r.device)
                 for r, e in parts

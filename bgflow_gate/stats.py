@@ -71,6 +71,8 @@ class EnergyStatistics:
 
     #: Buffered samples at which :meth:`update` folds the buffer into the accumulators.
     FOLD_AT = 1 << 20
+    #: Buffered calls at which it folds (many small calls would otherwise pile up).
+    FOLD_CALLS = 256
 
     def __init__(self) -> None:
         self.calls = 0
@@ -102,7 +104,7 @@ class EnergyStatistics:
         """Add one call's samples.
 
         The tensors are only kept (no computation, no copy) until :data:`FOLD_AT` samples
-        are buffered or the statistics are read; then all buffered calls are folded in
+        or :data:`FOLD_CALLS` calls are buffered or the statistics are read; then all buffered calls are folded in
         with a few batched operations on their device.
 
         Parameters
@@ -122,7 +124,7 @@ class EnergyStatistics:
             return
         self._pending.append((energies.detach(), reasons, float(scale)))
         self._pending_samples += n
-        if self._pending_samples >= self.FOLD_AT:
+        if self._pending_samples >= self.FOLD_AT or len(self._pending) >= self.FOLD_CALLS:
             self._fold()
 
     @torch.no_grad()
@@ -291,9 +293,12 @@ def write_history(history: list[dict], path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() != ".csv":
+        def plain(value):  # JSON has no NaN or infinity: write null
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
         with path.open("w") as fh:
             for record in history:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps({k: plain(v) for k, v in record.items()}) + "\n")
         return
     keys: list[str] = []
     for record in history:
@@ -364,6 +369,13 @@ class HealthMonitor:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number of epochs, got {value!r}")
         self.stall_epochs = stall_epochs
+        stages = ("hold", "warm-up", "final", "descent", "constant", "default")
+        unknown = set(expected_skip_rate or {}) - set(stages)
+        if unknown:
+            raise ValueError(
+                f"expected_skip_rate has unknown stage(s) {', '.join(sorted(unknown))}; "
+                f"the stages are {', '.join(stages)}"
+            )
         self.expected_skip_rate = {"hold": 0.10, "warm-up": 0.25, "default": 0.10, **(expected_skip_rate or {})}
         self.skip_window = skip_window
         self.energy_window = energy_window

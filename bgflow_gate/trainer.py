@@ -29,9 +29,10 @@ import torch
 
 from . import bg
 from .gate import ScheduledEnergyGate
-from .host.distributions import DataSetSampler
+from .host.distributions import DataSetSampler, as_tuple
 from .schedules import Schedule
 from .stats import HealthMonitor, write_history
+from .units import parse_unit
 from .validation import check_number
 
 __all__ = ["ProgressiveKLTrainer", "SKIP_POLICIES", "clip_gradient"]
@@ -75,10 +76,6 @@ def clip_gradient(x: torch.Tensor, limit: float, scale_box: Optional[list] = Non
     return _ClipGradient.apply(x, limit, scale_box if scale_box is not None else [])
 
 
-def _as_tuple(x) -> tuple:
-    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
-
-
 def _to_sampler(data):
     """A tensor becomes a ``DataSetSampler`` (bgflow's convention); samplers pass through.
 
@@ -98,6 +95,7 @@ class _EpochAccumulator:
         self.steps = 0
         self.steps_skipped = 0
         self.nonfinite_steps = 0
+        self.kl_nonfinite = 0
         self.kll_sum = 0.0
         self.kll_n = 0
         self.nll_sum = 0.0
@@ -143,9 +141,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
     monitor : HealthMonitor or dict or None
         The health monitor (a dict is passed to :class:`HealthMonitor`); default one.
     on_stall : {"warn", "relax"}
-        ``"relax"``: when every KL batch was skipped for the monitor's ``stall_epochs``,
-        multiply E_max by ``relax_factor``, record the action and carry on; the check is
-        re-armed, so a run still stalled relaxes again.
+        ``"relax"``: when the monitor finds a stall (every KL batch skipped for
+        ``stall_epochs``, or the skip rate above the stage's expected level for
+        ``skip_window`` epochs), multiply E_max by ``relax_factor``, record the action and
+        carry on; the check is re-armed, so a run still stalled relaxes again.
     relax_factor : float
         (10).
     lr_warmup_epochs : float
@@ -169,6 +168,9 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         One record per finished epoch (see :data:`bgflow_gate.stats.HISTORY_KEYS`), plus
         ``alerts`` and ``actions`` lists.
     """
+
+    #: Monitor checks that ``on_stall="relax"`` answers by raising E_max.
+    STALL_CHECKS = ("all_skipped", "skip_rate_high")
 
     def __init__(
         self,
@@ -215,6 +217,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             raise ValueError("checkpoint_every needs checkpoint_path")
         self.skip_policy = skip_policy
         self.min_keep_fraction = check_number(min_keep_fraction, "min_keep_fraction", "fraction", lower=0)
+        if self.min_keep_fraction > 1:
+            raise ValueError(f"min_keep_fraction must lie in [0, 1], got {min_keep_fraction!r}")
         self.max_grad_norm = (
             None if max_grad_norm is None else check_number(max_grad_norm, "max_grad_norm", "norm", lower=0, strict=True)
         )
@@ -232,7 +236,6 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         self._samplers: dict[str, tuple[int, Any]] = {}  # slot -> (id(data), sampler)
         self._pending_sampler_state: dict[str, dict] = {}
         self._pending_rng: Optional[dict] = None
-        self._lr_factor = 1.0
         self._writer = self._tensorboard(log_dir)
 
     # -- set-up ------------------------------------------------------------------------
@@ -250,8 +253,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             return gate
         if target is None or not self.train_energy:
             return None
-        if target_unit is None:
-            target_unit, temperature = self._infer_unit(target, temperature)
+        target_unit, temperature = self._target_unit(target, target_unit, temperature)
         gate = ScheduledEnergyGate(
             target, schedule=schedule, e_cut=e_cut, target_unit=target_unit,
             temperature=temperature, adaptive_quantile=adaptive_quantile,
@@ -260,18 +262,32 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         return gate
 
     @staticmethod
-    def _infer_unit(target, temperature):
+    def _target_unit(target, target_unit, temperature):
+        """The target's unit and temperature: read from an OpenMM bridge (kT at the
+        integrator's temperature; a contradicting argument is an error), otherwise as given."""
         bridge = getattr(target, "_bridge", None)
         integrator = getattr(bridge, "integrator", None) or getattr(bridge, "_integrator", None)
         if bridge is not None and integrator is not None and hasattr(integrator, "getTemperature"):
             t = integrator.getTemperature()
             t = t.value_in_unit(t.unit) if hasattr(t, "value_in_unit") else float(t)
-            return "kT", temperature if temperature is not None else t
-        raise ValueError(
-            f"the unit of the target's energies ({type(target).__name__}) cannot be determined; "
-            f"pass target_unit='kJ/mol', or target_unit='kT' with temperature=<K>, to "
-            f"ProgressiveKLTrainer (or wrap the target in a ScheduledEnergyGate yourself)"
-        )
+            if target_unit is not None and parse_unit(target_unit, name="target_unit") != "kT":
+                raise ValueError(
+                    f"target_unit={target_unit!r} contradicts the target: OpenMM energies are in kT of "
+                    f"the integrator's temperature ({t:g} K)"
+                )
+            if temperature is not None and abs(float(temperature) - t) > 1e-6 * t:
+                raise ValueError(
+                    f"temperature={temperature!r} K contradicts the target's integrator ({t:g} K), "
+                    f"whose kT is the unit of its energies; leave temperature out"
+                )
+            return "kT", t
+        if target_unit is None:
+            raise ValueError(
+                f"the unit of the target's energies ({type(target).__name__}) cannot be determined; "
+                f"pass target_unit='kJ/mol', or target_unit='kT' with temperature=<K>, to "
+                f"ProgressiveKLTrainer (or wrap the target in a ScheduledEnergyGate yourself)"
+            )
+        return target_unit, temperature
 
     @staticmethod
     def _tensorboard(log_dir):
@@ -373,10 +389,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             for interval, scheduler in schedulers:
                 if it % interval == 0:
                     scheduler.step()
-            self._apply_lr_warmup(it, ipe)
             reports = self._step(
                 sampler, test_sampler, batchsize, w_likelihood / total_w if total_w else 0.0,
                 w_energy / total_w if total_w else 0.0, w_custom, custom_loss_kwargs, temperature, clip_forces,
+                self._lr_factor(it, ipe),
             )
             self.reporter.report(*[np.asarray(r) for r in reports])
             if n_print > 0 and it % n_print == 0:
@@ -407,14 +423,23 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             self._samplers[slot] = (id(data), sampler)
         return sampler
 
-    def _apply_lr_warmup(self, it: int, ipe: int) -> None:
+    def _lr_factor(self, it: int, ipe: int) -> float:
+        """The linear warm-up factor of iteration ``it`` (1 after the warm-up)."""
         if self.lr_warmup_epochs <= 0:
-            return
-        factor = min(1.0, (it + 1) / (self.lr_warmup_epochs * ipe))
-        if factor != self._lr_factor:
+            return 1.0
+        return min(1.0, (it + 1) / (self.lr_warmup_epochs * ipe))
+
+    def _optimizer_step(self, lr_factor: float) -> None:
+        # the warm-up scales the rate only for this step, so it composes with any scheduler
+        if lr_factor != 1.0:
             for group in self.optim.param_groups:
-                group["lr"] *= factor / self._lr_factor
-            self._lr_factor = factor
+                group["lr"] *= lr_factor
+        try:
+            self.optim.step()
+        finally:
+            if lr_factor != 1.0:
+                for group in self.optim.param_groups:
+                    group["lr"] /= lr_factor
 
     def _kl_term(self, batchsize: int, temperature: float, clip_forces: Optional[float], weight: float):
         """The KL loss, whether it applies (a 0-dim bool tensor) and the log-dets.
@@ -423,7 +448,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         gate's soft cut), is clamped component-wise: the gradient arriving at ``x`` is
         ``weight / n`` times that force, so the clamp divides the factor out first.
         """
-        z = _as_tuple(self.bg.prior.sample(batchsize, temperature=temperature))
+        z = as_tuple(self.bg.prior.sample(batchsize, temperature=temperature))
         *x, dlogp = self.bg.flow(*z, temperature=temperature)
         scale_box: list = []
         if clip_forces is not None:
@@ -445,36 +470,53 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         scale_box.append(weight / n)
         return loss, applies, dlogp
 
+    def _params(self) -> list:
+        # the optimizer's parameters: cheaper to list than walking the module tree each step
+        return [p for group in self.optim.param_groups for p in group["params"] if p.requires_grad]
+
     def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
-              temperature, clip_forces) -> list:
+              temperature, clip_forces, lr_factor) -> list:
+        """One iteration. The KL gradient is computed on its own and added only when the term
+        applies and the gradient is finite, so NaN from a few bad samples (0 * NaN in the
+        flow's backward) never blocks the NLL step."""
         self.optim.zero_grad(set_to_none=True)
+        params = self._params()
         device_values = []  # read back together, once per iteration
-        loss = None
-        kl_applies = None
+        kl_grads = None
         if self.train_energy:
             kll, kl_applies, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
-            if w_kl > 0:
-                loss = torch.where(kl_applies, w_kl * kll, 0.0)
-            device_values += [kll.detach(), kl_applies.to(kll.dtype), dlogp.mean(), dlogp.pow(2).mean()]
+            kl_ok = kl_applies
+            if w_kl > 0 and kll.requires_grad:
+                kl_grads = torch.autograd.grad(w_kl * kll, params, allow_unused=True)
+                finite = [torch.isfinite(g).all() for g in kl_grads if g is not None]
+                if finite:
+                    kl_ok = kl_applies & torch.stack(finite).all()
+            device_values += [kll.detach(), kl_applies, kl_ok, dlogp.mean(), dlogp.pow(2).mean()]
+        loss = None
         if self.train_likelihood:
-            batch = _as_tuple(sampler.sample(batchsize))
+            batch = as_tuple(sampler.sample(batchsize))
             nll = self.bg.energy(*batch, temperature=temperature).mean()
             if w_nll > 0:
-                loss = w_nll * nll if loss is None else loss + w_nll * nll
+                loss = w_nll * nll
             device_values.append(nll.detach())
         if w_custom is not None:
             custom = self.custom_loss(**custom_loss_kwargs)
             loss = w_custom * custom if loss is None else loss + w_custom * custom
-        if loss is not None:
+        if loss is not None and loss.requires_grad:
             loss.backward()
-        # the optimizer's parameters: cheaper to list than walking the module tree each step
-        params = [p for group in self.optim.param_groups for p in group["params"] if p.grad is not None]
+        if kl_grads is not None:
+            for p, g in zip(params, kl_grads):
+                if g is not None:
+                    g = torch.where(kl_ok, g, 0.0)  # where, not a product: drops NaN of a skipped term
+                    p.grad = g if p.grad is None else p.grad + g
+        with_grad = [p for p in params if p.grad is not None]
         norm = (
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else math.inf)
-            if params else torch.zeros(())
+            torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm if self.max_grad_norm else math.inf)
+            if with_grad else torch.zeros(())
         )
-        device_values.append(norm.detach().to(device_values[0].dtype if device_values else torch.float32))
-        values = torch.stack([v.to(device_values[-1].device, torch.float64) for v in device_values]).tolist()
+        device_values.append(norm.detach())
+        device = device_values[0].device
+        values = torch.stack([v.to(device, torch.float64) for v in device_values]).tolist()
 
         acc = self._acc
         acc.steps += 1
@@ -482,9 +524,9 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         pos = 0
         kl_ok = True
         if self.train_energy:
-            kll_v, applies_v, ld_mean, ld_sq = values[0:4]
-            pos = 4
-            kl_ok = applies_v > 0.5
+            kll_v, applies_v, ok_v, ld_mean, ld_sq = values[0:5]
+            pos = 5
+            kl_ok = ok_v > 0.5
             acc.batches += 1
             acc.logdet_sum += ld_mean * batchsize
             acc.logdet_sq += ld_sq * batchsize
@@ -494,18 +536,20 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                 acc.kll_n += 1
             else:
                 acc.batches_skipped += 1
+                acc.kl_nonfinite += applies_v > 0.5  # the policy kept it, its gradient was not finite
             reports.append(kll_v if kl_ok else math.nan)  # a skipped term is absent, never 0
         if self.train_likelihood:
             nll_v = values[pos]
             pos += 1
         grads_finite = math.isfinite(values[-1])
-        skip_step = (self.skip_policy == "step" and not kl_ok) or loss is None
+        nothing = loss is None and (kl_grads is None or not kl_ok)
+        skip_step = (self.skip_policy == "step" and not kl_ok) or nothing
         if not grads_finite:
             acc.nonfinite_steps += 1
         if skip_step or not grads_finite:
             acc.steps_skipped += 1
         else:
-            self.optim.step()
+            self._optimizer_step(lr_factor)
             if self.train_likelihood:
                 acc.nll_sum += nll_v
                 acc.nll_n += 1
@@ -515,7 +559,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             test_nll = math.nan
             if test_sampler is not None:
                 with torch.no_grad():
-                    test_batch = _as_tuple(test_sampler.sample(batchsize))
+                    test_batch = as_tuple(test_sampler.sample(batchsize))
                     test_nll = self.bg.energy(*test_batch, temperature=temperature).mean().item()
             reports.append(test_nll)
         if "Custom" in getattr(self.reporter, "_labels", ()):  # the host's reporter has the label
@@ -538,6 +582,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             "skip_rate": acc.batches_skipped / acc.batches if acc.batches else 0.0,
             "steps_skipped": acc.steps_skipped,
             "nonfinite_steps": acc.nonfinite_steps,
+            "kl_nonfinite": acc.kl_nonfinite,
             "samples": gate_stats.get("samples", 0),
             "samples_gated": gate_stats.get("gated", 0),
             "nonfinite": gate_stats.get("nonfinite", 0),
@@ -547,7 +592,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             "nll": acc.nll_sum / acc.nll_n if acc.nll_n else math.nan,
             "logdet_mean": ld_mean,
             "logdet_std": ld_std,
-            "lr": self.optim.param_groups[0]["lr"],
+            "lr": self.optim.param_groups[0]["lr"] * self._lr_factor(self.iteration - 1, ipe),
             "seconds": time.perf_counter() - acc.start,
             "alerts": [],
             "actions": [],
@@ -556,13 +601,18 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         stage = self.gate.schedule.stage_of(epoch) if self.gate is not None else "default"
         for name, message in self.monitor.check(self.history, stage):
             record["alerts"].append(message)
-            if name == "all_skipped" and self.on_stall == "relax" and self.gate is not None:
+            if name in self.STALL_CHECKS and self.on_stall == "relax" and self.gate is not None:
                 self.gate.relax(self.relax_factor)
                 action = f"epoch {epoch}: relaxed E_max by x{self.relax_factor:g} to {self.gate.e_max:.3g} kJ/mol"
                 record["actions"].append(action)
-                self.monitor.rearm("all_skipped", epoch + 1)
+                self.monitor.rearm(name, epoch + 1)
         for scheduler in epoch_schedulers:
-            scheduler.step()
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = record["kll"] if math.isfinite(record["kll"]) else record["nll"]
+                if math.isfinite(metric):
+                    scheduler.step(metric)
+            else:
+                scheduler.step()
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -605,7 +655,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             "iters_per_epoch": self.iters_per_epoch,
             "history": [dict(r) for r in self.history],
             "monitor": self.monitor.state_dict(),
-            "lr_factor": self._lr_factor,
+            "epoch_counters": {k: v for k, v in vars(self._acc).items() if k != "start"},
             "reporter": [list(r) for r in getattr(self.reporter, "_raw", [])],
             "samplers": samplers,
             "rng": self._pending_rng or {
@@ -624,12 +674,13 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         self.iters_per_epoch = state["iters_per_epoch"]
         self.history = [dict(r) for r in state["history"]]
         self.monitor.load_state_dict(state["monitor"])
-        self._lr_factor = float(state["lr_factor"])
         if hasattr(self.reporter, "_raw"):
             self.reporter._raw = [list(r) for r in state["reporter"]]
         self._samplers = {}
         self._pending_sampler_state = dict(state["samplers"])
-        self._acc = _EpochAccumulator()
+        self._acc = _EpochAccumulator()  # a checkpoint may be taken mid-epoch
+        for key, value in state["epoch_counters"].items():
+            setattr(self._acc, key, value)
         # restored when training continues, after the data sampler is rebuilt (building it
         # draws a shuffle order from the random number generators)
         self._pending_rng = state["rng"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["check_number"]
+__all__ = ["check_number", "check_open_fraction"]
 
 
 def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = None, strict: bool = False) -> float:
@@ -46,4 +46,12 @@ def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = N
         raise ValueError(message) from None
     if not math.isfinite(out) or (lower is not None and (out < lower or (strict and out == lower))):
         raise ValueError(message)
+    return out
+
+
+def check_open_fraction(value: Any, name: str) -> float:
+    """``float(value)`` if it lies strictly between 0 and 1; otherwise a ``ValueError``."""
+    out = check_number(value, name, "number", lower=0, strict=True)
+    if out >= 1:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
     return out

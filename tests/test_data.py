@@ -110,3 +110,10 @@ def test_the_data_command_generates_then_loads_and_check_data_reports(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["check-data", str(tmp_path / "nope.npz")])
     assert exc.value.code == 2
+
+
+def test_settings_store_plain_numbers_so_yaml_spellings_give_one_cache_key():
+    from_yaml = ReplicaExchangeSettings(t_min=300, timestep="1e-3", n_replicas=np.int64(6))
+    assert from_yaml == ReplicaExchangeSettings(t_min=300.0, timestep=0.001, n_replicas=6)
+    assert from_yaml.key == ReplicaExchangeSettings().key
+    assert from_yaml.simulated_ns == pytest.approx(2050 * 500 * 0.001 / 1000)

@@ -463,3 +463,20 @@ def test_relax_multiplies_e_max_from_now_on_and_is_kept_in_the_state():
     assert restored.e_max == 5e4
     with pytest.raises(ValueError, match="factor must be a finite factor greater than 1, got 0.5"):
         gate.relax(0.5)
+
+
+def test_a_target_that_raises_for_every_sample_is_a_bug_and_re_raises():
+    target = RaisesAbove(limit=-1.0)  # raises for any batch
+    gate = ScheduledEnergyGate(target, schedule=1e6)
+    with pytest.raises(RuntimeError, match="simulated engine failure"):
+        gate.energy(torch.ones(8, 2))
+    assert gate.last_gated is None  # nothing was reported as gated
+
+
+def test_a_target_that_raises_on_an_empty_batch_re_raises():
+    class Empty(bg.Energy):
+        def _energy(self, x):
+            raise ValueError("empty batch")
+
+    with pytest.raises(ValueError, match="empty batch"):
+        ScheduledEnergyGate(Empty(2)).energy(torch.zeros(0, 2))

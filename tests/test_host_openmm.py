@@ -9,6 +9,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +193,29 @@ def test_the_trainer_reads_kt_and_the_temperature_from_an_openmm_target(vacuum):
     trainer = ProgressiveKLTrainer(generator, torch.optim.SGD(holder.parameters(), lr=0.1))
     assert trainer.gate.target_unit == "kT" and trainer.gate.temperature == pytest.approx(350.0)
     assert trainer.gate.e_max_kt == pytest.approx(1e10 / kt_in_kjmol(350.0))
+
+
+def test_an_empty_batch_gives_empty_results_and_interrupted_calls_leave_nothing_behind(vacuum):
+    bridge = OpenMMBridge(vacuum.system, vacuum.integrator(), platform_name="Reference", n_workers=2)
+    try:
+        energies, forces, _, _ = bridge.evaluate(torch.zeros(0, 66, dtype=torch.float64))
+        assert energies.shape == (0, 1) and forces.shape == (0, 66)
+        x = frames(vacuum, n=4)
+        bridge._calls += 1  # a call whose results were never collected ...
+        for key, chunk in enumerate(np.array_split(x.reshape(4, 22, 3).numpy() + 1.0, 2)):
+            bridge._tasks.put(((bridge._calls, key), chunk, 0, False))
+        energies, _, _, _ = bridge.evaluate(x)  # ... must not be taken for this one
+        expected, _, _, _ = OpenMMBridge(vacuum.system, vacuum.integrator(), platform_name="Reference").evaluate(x)
+        assert torch.equal(energies, expected)
+    finally:
+        bridge.close()
+
+
+def test_units_that_contradict_an_openmm_target_are_errors(vacuum):
+    energy = vacuum.energy(temperature=300.0, platform_name="Reference")
+    generator = bg.BoltzmannGenerator(bg.NormalDistribution(66), bg.SequentialFlow([]), energy)
+    param = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="target_unit='kJ/mol' contradicts the target"):
+        ProgressiveKLTrainer(generator, torch.optim.SGD([param], lr=0.1), target_unit="kJ/mol")
+    with pytest.raises(ValueError, match="temperature=350.0 K contradicts the target's integrator"):
+        ProgressiveKLTrainer(generator, torch.optim.SGD([param], lr=0.1), temperature=350.0)

@@ -95,3 +95,8 @@ def test_rearm_lets_a_check_fire_again_on_later_epochs_and_state_round_trips():
     restored = HealthMonitor(stall_epochs=2)
     restored.load_state_dict(monitor.state_dict())
     assert restored.fired == {"all_skipped": 3}
+
+
+def test_an_unknown_stage_in_the_expected_skip_rates_is_an_error():
+    with pytest.raises(ValueError, match="unknown stage.*warmup; the stages are hold, warm-up"):
+        HealthMonitor(expected_skip_rate={"warmup": 0.3})

@@ -91,3 +91,20 @@ def test_the_largest_finite_energy_is_a_quantile_even_when_non_finite_ones_exist
     update(stats, [1.0, 2.0, 3.0, math.inf], reasons=[0, 0, 0, GateReason.NONFINITE_ENERGY])
     assert stats.summary()["energy_max"] == math.inf
     assert stats.quantile(2 / 3) == 3.0
+
+
+def test_many_small_calls_are_folded_so_the_buffer_stays_small():
+    stats = EnergyStatistics()
+    for i in range(EnergyStatistics.FOLD_CALLS + 10):
+        update(stats, [float(i)])
+    assert len(stats._pending) == 10
+    assert stats.summary()["samples"] == EnergyStatistics.FOLD_CALLS + 10
+
+
+def test_history_as_json_lines_writes_null_for_nan_and_infinity(tmp_path):
+    import json
+
+    from bgflow_gate.stats import write_history
+
+    write_history([{"epoch": 0, "kll": math.nan, "energy_max": math.inf, "alerts": []}], tmp_path / "h.jsonl")
+    assert json.loads((tmp_path / "h.jsonl").read_text()) == {"epoch": 0, "kll": None, "energy_max": None, "alerts": []}

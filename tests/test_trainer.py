@@ -144,6 +144,7 @@ def test_a_given_gate_must_wrap_the_generators_target():
         ({"iters_per_epoch": 0}, "iters_per_epoch must be a positive whole number"),
         ({"checkpoint_every": 2}, "checkpoint_every needs checkpoint_path"),
         ({"min_keep_fraction": -0.1}, "min_keep_fraction must be a non-negative"),
+        ({"min_keep_fraction": 5}, r"min_keep_fraction must lie in \[0, 1\]"),
         ({"monitor": {"stall_epochs": 0}}, "stall_epochs must be a positive whole number"),
     ],
 )
@@ -241,16 +242,21 @@ def test_n_print_prints_a_summary_line_per_epoch_and_the_progress_bar_gets_numbe
     assert set(bars[0].postfix) == {"epoch", "loss", "e_max", "skip"} and bars[0].postfix["epoch"] == 1
 
 
-def test_lr_warm_up_is_linear_and_epoch_schedulers_step_once_per_epoch():
+def test_lr_warm_up_is_linear_composes_with_schedulers_and_epoch_schedulers_step_once_per_epoch():
     gen, data, trainer = make(iters_per_epoch=4, lr=0.1, lr_warmup_epochs=2)
-    quiet(trainer.train, 1, data=data, batchsize=16)
-    assert trainer.optim.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
-    quiet(trainer.train, 7, data=data, batchsize=16)
+    used = []
+    trainer.optim.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    constant = torch.optim.lr_scheduler.LambdaLR(trainer.optim, lambda i: 1.0)  # sets lr every iteration
+    quiet(trainer.train, n_epochs=2, data=data, batchsize=16, schedulers=[(1, constant)])
+    assert used == pytest.approx([0.1 * k / 8 for k in range(1, 9)])  # linear, no overshoot
+    assert [r["lr"] for r in trainer.history] == pytest.approx([0.05, 0.1])
     assert trainer.optim.param_groups[0]["lr"] == pytest.approx(0.1)
     sched = torch.optim.lr_scheduler.StepLR(trainer.optim, step_size=1, gamma=0.5)
     quiet(trainer.train, n_epochs=2, data=data, batchsize=16, epoch_schedulers=[sched])
     assert [r["lr"] for r in trainer.history[-2:]] == pytest.approx([0.1, 0.05])  # the rate used in the epoch
     assert trainer.optim.param_groups[0]["lr"] == pytest.approx(0.025)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optim, patience=0, factor=0.5)
+    quiet(trainer.train, n_epochs=2, data=data, batchsize=16, epoch_schedulers=[plateau])  # gets the loss
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -318,3 +324,31 @@ def test_tensorboard_logging_is_optional(tmp_path):
     quiet(trainer.train, n_epochs=1, data=data, batchsize=32)
     trainer._writer.flush()
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+
+
+def test_a_few_nan_samples_from_the_flow_skip_the_kl_term_but_not_the_nll_step():
+    gen, data, trainer = make(iters_per_epoch=4, skip_policy="clamp")
+    forward = gen.flow._forward
+
+    def sometimes_nan(z, **kwargs):
+        x, dlogp = forward(z, **kwargs)
+        return torch.cat([x[:-2], x[-2:] * math.nan]), dlogp  # backward: 0 * NaN = NaN
+
+    gen.flow._forward = sometimes_nan  # the KL batch always holds two NaN samples
+    history = quiet(trainer.train, n_epochs=2, data=data, batchsize=64)
+    assert all(r["kl_nonfinite"] == r["batches_skipped"] == 4 for r in history)
+    assert all(r["steps_skipped"] == 0 and math.isfinite(r["nll"]) for r in history)
+    assert history[1]["nll"] < history[0]["nll"]  # the NLL kept learning
+
+
+def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_its_counters(tmp_path):
+    _, data, full = make(iters_per_epoch=10)
+    quiet(full.train, 10, data=data, batchsize=32)
+    _, data, half = make(iters_per_epoch=10)
+    quiet(half.train, 5, data=data, batchsize=32)
+    half.save_checkpoint(tmp_path / "mid.pt")
+    _, data, resumed = make(iters_per_epoch=10, seed=7)
+    resumed.resume(tmp_path / "mid.pt")
+    quiet(resumed.train, 5, data=data, batchsize=32)
+    assert _comparable(resumed.history) == _comparable(full.history)
+    assert resumed.history[0]["batches"] == 10

@@ -232,6 +232,7 @@ class OpenMMBridge:
         self.last_energies: Optional[torch.Tensor] = None
         self.last_forces: Optional[torch.Tensor] = None
         self._processes: list = []
+        self._calls = 0
         if n_workers == 1:
             self._local = _Evaluator(system_xml, integrator_xml, platform_name, properties)
             self._finalizer = None
@@ -290,9 +291,14 @@ class OpenMMBridge:
         if not self.is_alive:
             raise RuntimeError("the bridge's worker processes are closed")
         chunks = np.array_split(positions, min(self.n_workers, len(positions)))
+        self._calls += 1
         for key, chunk in enumerate(chunks):
-            self._tasks.put((key, chunk, self._n_simulation_steps, want_positions))
-        parts = dict(self._results.get(timeout=600) for _ in chunks)
+            self._tasks.put(((self._calls, key), chunk, self._n_simulation_steps, want_positions))
+        parts = {}
+        while len(parts) < len(chunks):
+            (call, key), result = self._results.get(timeout=600)
+            if call == self._calls:  # results of an earlier, interrupted call are dropped
+                parts[key] = result
         ordered = [parts[k] for k in range(len(chunks))]
         energies = np.concatenate([o[0] for o in ordered])
         forces = np.concatenate([o[1] for o in ordered])
@@ -321,7 +327,10 @@ class OpenMMBridge:
                 f"positions must have shape [batch, {3 * self._n_atoms}] (nm), got {tuple(batch.shape)}"
             )
         positions = batch.detach().cpu().to(torch.float64).numpy().reshape(n, self._n_atoms, 3)
-        energies, forces, new_positions, errors = self._run(positions, evaluate_positions)
+        if n == 0:
+            energies, forces, new_positions, errors = np.zeros(0), positions, positions, []
+        else:
+            energies, forces, new_positions, errors = self._run(positions, evaluate_positions)
         if errors:
             self.n_failures += len(errors)
             message = f"{len(errors)} of {n} OpenMM evaluations failed (first: {errors[0]}); they count as +inf energy"
@@ -329,9 +338,10 @@ class OpenMMBridge:
                 raise RuntimeError(message)
             if self._err_handling == "warning":
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
+        width = 3 * self._n_atoms
         energies_t = torch.as_tensor(energies / self._kt).to(batch).reshape(n, 1)
-        forces_t = torch.as_tensor(forces.reshape(n, -1) / self._kt).to(batch)
-        positions_t = torch.as_tensor(new_positions.reshape(n, -1)).to(batch) if evaluate_positions else None
+        forces_t = torch.as_tensor(forces.reshape(n, width) / self._kt).to(batch)
+        positions_t = torch.as_tensor(new_positions.reshape(n, width)).to(batch) if evaluate_positions else None
         self.last_energies, self.last_forces = energies_t, forces_t
         return (
             energies_t if evaluate_energy else None,

@@ -83,19 +83,24 @@ class ReplicaExchangeSettings:
     platform: str = "auto"
 
     def __post_init__(self):
+        # validate and store plain numbers (YAML may give "1e-3" as a string, 300 as an int)
         if self.solvent not in SOLVENTS:
             raise ValueError(f"solvent must be one of {', '.join(SOLVENTS)}, got {self.solvent!r}")
-        check_number(self.t_min, "t_min", "temperature in K", lower=0, strict=True)
-        check_number(self.t_max, "t_max", "temperature in K", lower=0, strict=True)
+        values = {
+            "t_min": check_number(self.t_min, "t_min", "temperature in K", lower=0, strict=True),
+            "t_max": check_number(self.t_max, "t_max", "temperature in K", lower=0, strict=True),
+            "n_replicas": _whole(self.n_replicas, "n_replicas", 1),
+            "n_iterations": _whole(self.n_iterations, "n_iterations", 1),
+            "steps_per_iteration": _whole(self.steps_per_iteration, "steps_per_iteration", 1),
+            "equilibration_iterations": _whole(self.equilibration_iterations, "equilibration_iterations", 0),
+            "seed": _whole(self.seed, "seed", 0),
+            "timestep": check_number(self.timestep, "timestep", "time step in ps", lower=0, strict=True),
+            "friction": check_number(self.friction, "friction", "friction in 1/ps", lower=0, strict=True),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
         if self.t_max < self.t_min:
             raise ValueError(f"t_max ({self.t_max:g} K) must not be below t_min ({self.t_min:g} K)")
-        _whole(self.n_replicas, "n_replicas", 1)
-        _whole(self.n_iterations, "n_iterations", 1)
-        _whole(self.steps_per_iteration, "steps_per_iteration", 1)
-        _whole(self.equilibration_iterations, "equilibration_iterations", 0)
-        _whole(self.seed, "seed", 0)
-        check_number(self.timestep, "timestep", "time step in ps", lower=0, strict=True)
-        check_number(self.friction, "friction", "friction in 1/ps", lower=0, strict=True)
 
     @property
     def temperatures(self) -> np.ndarray:
