@@ -476,21 +476,26 @@ class ProgressiveKLTrainer(bg.KLTrainer):
 
     def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
               temperature, clip_forces, lr_factor) -> list:
-        """One iteration. The KL gradient is computed on its own and added only when the term
-        applies and the gradient is finite, so NaN from a few bad samples (0 * NaN in the
-        flow's backward) never blocks the NLL step."""
+        """One iteration. The KL gradient is computed on its own and kept only when the term
+        applies and the gradient is finite (one read-back), so NaN from a few bad samples
+        (0 * NaN in the flow's backward) never blocks the NLL step."""
         self.optim.zero_grad(set_to_none=True)
         params = self._params()
         device_values = []  # read back together, once per iteration
-        kl_grads = None
+        kl_used = False
         if self.train_energy:
             kll, kl_applies, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
             kl_ok = kl_applies
             if w_kl > 0 and kll.requires_grad:
-                kl_grads = torch.autograd.grad(w_kl * kll, params, allow_unused=True)
-                finite = [torch.isfinite(g).all() for g in kl_grads if g is not None]
-                if finite:
-                    kl_ok = kl_applies & torch.stack(finite).all()
+                grads = torch.autograd.grad(w_kl * kll, params, allow_unused=True)
+                pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+                if pairs:
+                    norms = torch._foreach_norm([g for _, g in pairs])
+                    kl_ok = kl_applies & torch.stack(norms).isfinite().all()
+                if bool(kl_ok):  # the NLL backward below accumulates onto the kept KL gradient
+                    for p, g in pairs:
+                        p.grad = g
+                    kl_used = True
             device_values += [kll.detach(), kl_applies, kl_ok, dlogp.mean(), dlogp.pow(2).mean()]
         loss = None
         if self.train_likelihood:
@@ -504,16 +509,13 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             loss = w_custom * custom if loss is None else loss + w_custom * custom
         if loss is not None and loss.requires_grad:
             loss.backward()
-        if kl_grads is not None:
-            for p, g in zip(params, kl_grads):
-                if g is not None:
-                    g = torch.where(kl_ok, g, 0.0)  # where, not a product: drops NaN of a skipped term
-                    p.grad = g if p.grad is None else p.grad + g
-        with_grad = [p for p in params if p.grad is not None]
-        norm = (
-            torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm if self.max_grad_norm else math.inf)
-            if with_grad else torch.zeros(())
-        )
+        with_grad = [p.grad for p in params if p.grad is not None]
+        if not with_grad:
+            norm = torch.zeros(())
+        elif self.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)
+        else:  # the total norm only tells whether every gradient is finite
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(with_grad)))
         device_values.append(norm.detach())
         device = device_values[0].device
         values = torch.stack([v.to(device, torch.float64) for v in device_values]).tolist()
@@ -542,7 +544,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             nll_v = values[pos]
             pos += 1
         grads_finite = math.isfinite(values[-1])
-        nothing = loss is None and (kl_grads is None or not kl_ok)
+        nothing = loss is None and not kl_used
         skip_step = (self.skip_policy == "step" and not kl_ok) or nothing
         if not grads_finite:
             acc.nonfinite_steps += 1
