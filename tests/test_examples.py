@@ -37,3 +37,18 @@ def test_progressive_training_toy_shows_the_stall_the_fix_and_the_remedy(capsys)
     assert runs["relax"][-1]["skip_rate"] == 0.0
     assert "every KL batch was skipped for 20 epochs" in out
     assert "remedy:  epoch 2: relaxed E_max by x100" in out
+
+
+def test_the_alanine_dipeptide_recipe_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("openmmtools")
+    results = load("alanine_dipeptide").main(
+        ["--nll-iters", "30", "--mixed-iters", "10", "--frames", "200", "--blocks", "2", "--hidden", "32",
+         "--data-dir", str(tmp_path)]
+    )
+    assert list(results) == ["NLL model", "control (NLL only)", "KLTrainer (mixed)", "ProgressiveKLTrainer (mixed)"]
+    for metrics in results.values():
+        assert 0.0 <= metrics["below_e_cut"] <= 1.0 and metrics["phi_psi_kl"] >= 0.0
+        assert 0.0 < metrics["ess_percent"] <= 100.0
+    assert "ProgressiveKLTrainer (mixed)" in capsys.readouterr().out
