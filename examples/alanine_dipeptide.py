@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
         print(f"{name:<30} {100 * r['below_e_cut']:>10.1f}% {r['phi_psi_kl']:>10.2f} {r['ess_percent']:>8.3f} "
               f"{100 * r['phi_positive']:>6.1f}% {r['energy_median_kjmol']:>13.1f} {r['seconds']:>6.0f}")
     print(json.dumps(results))
-    target.bridge.close() if hasattr(target.bridge, "close") else None
+    if hasattr(target.bridge, "close"):  # the host's bridge; bgflow's has no close()
+        target.bridge.close()
     return results
 
 
