@@ -86,7 +86,7 @@ def _to_sampler(data):
 
 
 class _EpochAccumulator:
-    """Per-epoch counters of the training loop (host numbers, one read per iteration)."""
+    """Per-epoch counters of the training loop (host numbers, read back once per iteration)."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -477,11 +477,12 @@ class ProgressiveKLTrainer(bg.KLTrainer):
     def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
               temperature, clip_forces, lr_factor) -> list:
         """One iteration. The KL gradient is computed on its own and kept only when the term
-        applies and the gradient is finite (one read-back), so NaN from a few bad samples
-        (0 * NaN in the flow's backward) never blocks the NLL step."""
+        applies and the gradient is finite, so NaN from a few bad samples (0 * NaN in the
+        flow's backward) never blocks the NLL step. Two values are read back to the host: that
+        decision, and the iteration's losses and gradient norm together."""
         self.optim.zero_grad(set_to_none=True)
         params = self._params()
-        device_values = []  # read back together, once per iteration
+        device_values = []  # read back together at the end of the iteration
         kl_used = False
         if self.train_energy:
             kll, kl_applies, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
