@@ -34,56 +34,16 @@ import math
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from bgflow_gate import ConstantSchedule, ProgressiveKLTrainer, TrainingHealthWarning, bg
-from bgflow_gate.systems.alanine import alanine_dipeptide, phi_psi
+from bgflow_gate.systems.alanine import alanine_dipeptide, phi_psi, realnvp_generator
+from bgflow_gate.systems.analysis import phi_psi_kl
 from bgflow_gate.systems.data import ReplicaExchangeSettings, generate_dataset
 from bgflow_gate.units import kt_in_kjmol
 
 TEMPERATURE = 300.0
 E_CUT = 500.0  # kJ/mol
-
-
-def build_generator(system, train: torch.Tensor, n_blocks: int, hidden: int):
-    """Prior, coordinate transform and coupling blocks, as in bgflow's notebook."""
-    ic = bg.MixedCoordinateTransformation(
-        data=train, z_matrix=system.z_matrix, fixed_atoms=system.rigid_block, normalize_angles=True
-    )
-    sizes = [ic.dim_bonds, ic.dim_angles, ic.dim_torsions, ic.dim_fixed]
-    dim_ics = sum(sizes)
-    half = dim_ics // 2
-    prior = bg.NormalDistribution(dim_ics)
-    layers = []
-    for _ in range(n_blocks):
-        layers += [
-            bg.SplitFlow(half),
-            bg.CouplingFlow(bg.AffineTransformer(
-                shift_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
-                scale_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
-            )),
-            bg.SwapFlow(),
-            bg.InverseFlow(bg.SplitFlow(half)),
-        ]
-    layers += [bg.SplitFlow(*sizes), bg.InverseFlow(ic)]  # internal coordinates -> Cartesian
-    bridge = bg.OpenMMBridge(system.system, system.integrator(TEMPERATURE), platform_name="Reference", n_workers=1)
-    target = bg.OpenMMEnergy(bridge=bridge)
-    return bg.BoltzmannGenerator(prior, bg.SequentialFlow(layers), target), target
-
-
-def phi_psi_kl(x: torch.Tensor, reference: torch.Tensor, bins: int = 60) -> float:
-    """KL(reference || samples) of the phi/psi histograms (a small floor avoids log 0)."""
-    edges = np.linspace(-math.pi, math.pi, bins + 1)
-
-    def hist(y):
-        phi, psi = (a.numpy() for a in phi_psi(y.double()))
-        h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges])
-        h = h + 1e-6
-        return h / h.sum()
-
-    p, q = hist(reference), hist(x)
-    return float(np.sum(p * np.log(p / q)))
 
 
 @torch.no_grad()
@@ -124,7 +84,7 @@ def main(argv=None) -> dict:
     dataset = generate_dataset(settings, args.data_dir)
     train, test = (torch.as_tensor(a, dtype=torch.float32) for a in dataset.split(0.2))
     torch.manual_seed(args.seed)
-    generator, target = build_generator(system, train, args.blocks, args.hidden)
+    generator, target = realnvp_generator(system, train, args.blocks, args.hidden, TEMPERATURE)
 
     start = time.perf_counter()
     nll = ProgressiveKLTrainer(generator, torch.optim.Adam(generator.parameters(), lr=5e-4), train_energy=False)

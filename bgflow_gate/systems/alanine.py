@@ -24,6 +24,7 @@ __all__ = [
     "alanine_dipeptide",
     "dihedral",
     "phi_psi",
+    "realnvp_generator",
 ]
 
 #: The rigid block kept in Cartesian coordinates by the mixed IC transform (N, CA, HA, CB, C).
@@ -143,3 +144,47 @@ def alanine_dipeptide(solvent: str = "vacuum") -> AlanineDipeptide:
         topology=mdtraj.Topology.from_openmm(test_system.topology),
         positions=np.asarray(test_system.positions.value_in_unit(unit.nanometer)),
     )
+
+
+def realnvp_generator(
+    system: AlanineDipeptide,
+    data: torch.Tensor,
+    n_blocks: int = 5,
+    hidden: int = 128,
+    temperature: float = 300.0,
+    platform_name: str = "Reference",
+):
+    """bgflow's alanine dipeptide generator: a normal prior, ``n_blocks`` RealNVP coupling
+    blocks on the internal coordinates, the mixed internal-coordinate transform (fitted on
+    ``data``) and the OpenMM energy at ``temperature`` as the target (kT).
+
+    Built from :mod:`bgflow_gate.bg`, so it is a real bgflow generator when bgflow imports.
+
+    Returns
+    -------
+    generator : BoltzmannGenerator
+    target : OpenMMEnergy
+    """
+    from .. import bg
+
+    ic = bg.MixedCoordinateTransformation(
+        data=data, z_matrix=system.z_matrix, fixed_atoms=system.rigid_block, normalize_angles=True
+    )
+    sizes = [ic.dim_bonds, ic.dim_angles, ic.dim_torsions, ic.dim_fixed]
+    dim_ics = sum(sizes)
+    half = dim_ics // 2
+    layers = []
+    for _ in range(n_blocks):
+        layers += [
+            bg.SplitFlow(half),
+            bg.CouplingFlow(bg.AffineTransformer(
+                shift_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
+                scale_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
+            )),
+            bg.SwapFlow(),
+            bg.InverseFlow(bg.SplitFlow(half)),
+        ]
+    layers += [bg.SplitFlow(*sizes), bg.InverseFlow(ic)]  # internal coordinates -> Cartesian
+    bridge = bg.OpenMMBridge(system.system, system.integrator(temperature), platform_name=platform_name, n_workers=1)
+    target = bg.OpenMMEnergy(bridge=bridge)
+    return bg.BoltzmannGenerator(bg.NormalDistribution(dim_ics), bg.SequentialFlow(layers), target), target

@@ -10,7 +10,7 @@ import torch
 
 from .alanine import alanine_dipeptide, phi_psi
 
-__all__ = ["basin_fractions", "statistical_inefficiency", "validate_dataset", "format_validation"]
+__all__ = ["basin_fractions", "phi_psi_kl", "statistical_inefficiency", "validate_dataset", "format_validation"]
 
 #: Basins of the phi/psi plane (degrees): phi < 0 splits at phi = -120 into C5/beta (extended)
 #: and C7eq/alpha_R; phi > 0 holds C7ax/alpha_L.
@@ -25,6 +25,21 @@ def basin_fractions(phi: np.ndarray, psi: np.ndarray) -> dict[str, float]:
     """Fraction of samples in each basin of :data:`BASINS` (angles in radians)."""
     phi_d, psi_d = np.degrees(phi), np.degrees(psi)
     return {name: float(np.mean(test(phi_d, psi_d))) for name, test in BASINS.items()}
+
+
+def phi_psi_kl(samples: torch.Tensor, reference: torch.Tensor, bins: int = 60) -> float:
+    """KL(reference || samples) between the phi/psi histograms on ``bins`` x ``bins`` cells
+    (a floor of 1e-6 per cell before normalising avoids log 0)."""
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+
+    def hist(x: torch.Tensor) -> np.ndarray:
+        phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
+        h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges])
+        h = h + 1e-6
+        return h / h.sum()
+
+    p, q = hist(reference), hist(samples)
+    return float(np.sum(p * np.log(p / q)))
 
 
 def statistical_inefficiency(series: np.ndarray) -> float:
