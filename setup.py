@@ -22,7 +22,8 @@ setup(
     extras_require={
         # molecular systems: OpenMM energies, openmmtools' alanine dipeptide, mdtraj topologies
         "openmm": OPENMM,
-        "dev": ["pytest>=7", *OPENMM],
+        "plots": ["matplotlib>=3.5"],
+        "dev": ["pytest>=7", "matplotlib>=3.5", *OPENMM],
     },
     entry_points={"console_scripts": ["bgflow-gate=bgflow_gate.cli:main"]},
     classifiers=[

@@ -93,8 +93,8 @@ def main(argv=None) -> dict:
     checkpoint = copy.deepcopy(generator.state_dict())
 
     def continuation(name, make_trainer, **train_kwargs):
+        generator._target = target  # unwrap the gate an earlier run put around the target
         generator.load_state_dict(checkpoint)
-        generator._target = target  # a gate from an earlier run would wrap it
         torch.manual_seed(args.seed + 1)
         optim = torch.optim.Adam(generator.parameters(), lr=5e-4)
         trainer = make_trainer(optim)

@@ -52,3 +52,19 @@ def test_the_alanine_dipeptide_recipe_runs_end_to_end_on_a_small_budget(tmp_path
         assert 0.0 <= metrics["below_e_cut"] <= 1.0 and metrics["phi_psi_kl"] >= 0.0
         assert 0.0 < metrics["ess_percent"] <= 100.0
     assert "ProgressiveKLTrainer (mixed)" in capsys.readouterr().out
+
+
+def test_compare_schedules_shows_the_legacy_stall_and_writes_the_plots(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("openmmtools")
+    pytest.importorskip("matplotlib")
+    runs = load("compare_schedules").main(
+        ["--epochs", "6", "--iters-per-epoch", "2", "--frames", "200", "--blocks", "2", "--hidden", "32",
+         "--data-dir", str(tmp_path), "--out", str(tmp_path / "cmp.png")]
+    )
+    assert list(runs) == ["no gate", "legacy + step", "three-stage", "adaptive"]
+    assert all(r["skip_rate"] == 1.0 for r in runs["legacy + step"])  # untrained energies >> 1e7 kJ/mol
+    assert all(r["skip_rate"] == 0.0 for r in runs["three-stage"][:3])  # E_max 1e10 while they fall
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+    assert "legacy + step" in capsys.readouterr().out
