@@ -23,6 +23,7 @@ import math
 import warnings
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -334,7 +335,8 @@ class HealthMonitor:
         ... exceeded in each of this many consecutive epochs (5).
     energy_window : int
         ``energy_rising``: the median raw energy rose by more than ``energy_rise_decades``
-        decades over this many epochs (10) ...
+        decades over this many epochs (10), or over five times as many (a slow rise, judged
+        on the medians of the first and last fifth of that window) ...
     energy_rise_decades : float
         ... (1.0).
     flat_window : int
@@ -431,15 +433,19 @@ class HealthMonitor:
             )
 
     def _energy_rising(self, h, stage):
-        last = [r["energy_p50"] for r in h[-self.energy_window:]]
-        if len(last) < self.energy_window or not all(math.isfinite(v) and v > 0 for v in (last[0], last[-1])):
-            return None
-        rise = math.log10(last[-1]) - math.log10(last[0])
-        if rise > self.energy_rise_decades:
-            return (
-                f"the median raw energy rose from {last[0]:.3g} to {last[-1]:.3g} kJ/mol over "
-                f"{self.energy_window} epochs"
-            )
+        # a fast rise within energy_window epochs, or a slow one within 5 x energy_window
+        # (judged on the medians of the first and last fifths, so one noisy epoch does not count)
+        for window in (self.energy_window, 5 * self.energy_window):
+            if len(h) < window:
+                return None
+            values = [r["energy_p50"] for r in h[-window:]]
+            k = max(1, window // 5) if window > self.energy_window else 1
+            first, last = float(np.median(values[:k])), float(np.median(values[-k:]))
+            if not (math.isfinite(first) and math.isfinite(last) and first > 0 and last > 0):
+                continue
+            if math.log10(last) - math.log10(first) > self.energy_rise_decades:
+                return f"the median raw energy rose from {first:.3g} to {last:.3g} kJ/mol over {window} epochs"
+        return None
 
     def _logdet_flat(self, h, stage):
         last = [r["logdet_mean"] for r in h[-self.flat_window:]]

@@ -100,3 +100,11 @@ def test_rearm_lets_a_check_fire_again_on_later_epochs_and_state_round_trips():
 def test_an_unknown_stage_in_the_expected_skip_rates_is_an_error():
     with pytest.raises(ValueError, match="unknown stage.*warmup; the stages are hold, warm-up"):
         HealthMonitor(expected_skip_rate={"warmup": 0.3})
+
+
+def test_a_slow_rise_over_five_windows_fires_too_but_a_slow_fall_does_not():
+    slow = [record(e, p50=10 ** (6 + 0.03 * e)) for e in range(60)]  # 0.27 decades per 10 epochs
+    epoch, message = run(HealthMonitor(energy_window=10), slow)["energy_rising"]
+    assert epoch == 49 and "over 50 epochs" in message  # medians of epochs 0-9 and 40-49: 1.2 decades
+    falling = [record(e, p50=10 ** (8 - 0.03 * e)) for e in range(60)]
+    assert "energy_rising" not in run(HealthMonitor(energy_window=10), falling)
