@@ -24,23 +24,8 @@ import torch
 
 from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning, bg
 from bgflow_gate.host import KLTrainer as HostKLTrainer
+from bgflow_gate.systems.alanine import realnvp_blocks
 from bgflow_gate.systems.toy import SteepWellEnergy
-
-
-def real_nvp(dim: int, blocks: int, hidden: int) -> bg.SequentialFlow:
-    half = dim // 2
-    layers = []
-    for _ in range(blocks):
-        layers += [
-            bg.SplitFlow(half),
-            bg.CouplingFlow(bg.AffineTransformer(
-                shift_transformation=bg.DenseNet([half, hidden, hidden, dim - half], activation=torch.nn.SiLU()),
-                scale_transformation=bg.DenseNet([half, hidden, hidden, dim - half], activation=torch.nn.SiLU()),
-            )),
-            bg.SwapFlow(),
-            bg.InverseFlow(bg.SplitFlow(half)),
-        ]
-    return bg.SequentialFlow(layers)
 
 
 def main() -> None:
@@ -59,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     target = SteepWellEnergy(args.dim, mode=0.0, width=0.3).to(device)
     prior = bg.NormalDistribution(args.dim, mean=torch.zeros(args.dim, device=device))
-    flow = real_nvp(args.dim, args.blocks, args.hidden).to(device)
+    flow = bg.SequentialFlow(realnvp_blocks(args.dim, args.blocks, args.hidden)).to(device)
     data = (0.3 * torch.randn(20 * args.batch, args.dim)).to(device)
 
     def build(cls, **kwargs):

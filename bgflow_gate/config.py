@@ -57,6 +57,19 @@ def _reject_unknown(section: Mapping, accepted, prefix: str, where: str) -> None
     raise ConfigError(f"{where}unknown key(s) {', '.join(parts)}; accepted: {', '.join(accepted)}")
 
 
+def _section(experiments: Mapping[str, Mapping], name: str, key: str, accepted, where: str) -> Mapping:
+    """Section ``key`` of experiment ``name`` (empty if absent), its keys checked against ``accepted``."""
+    if name not in experiments:
+        raise ConfigError(
+            f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}"
+        )
+    section = experiments[name].get(key, {}) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}{name}.{key} must be a mapping")
+    _reject_unknown(section, accepted, f"{name}.{key}", where)
+    return section
+
+
 def load_experiments(path: Union[str, Path]) -> dict[str, dict]:
     """Read an experiments file: a mapping of experiment names to mappings."""
     path = Path(path)
@@ -81,14 +94,7 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     the other keys are the keyword arguments of :class:`~bgflow_gate.ScheduledEnergyGate`.
     """
     where = f"{source}: " if source else ""
-    if name not in experiments:
-        raise ConfigError(
-            f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}"
-        )
-    section = experiments[name].get("gate", {}) or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}{name}.gate must be a mapping")
-    _reject_unknown(section, GATE_DEFAULTS, f"{name}.gate", where)
+    section = _section(experiments, name, "gate", GATE_DEFAULTS, where)
     merged = {**GATE_DEFAULTS, **section}
     out: dict[str, Any] = {}
     checks = {
@@ -128,15 +134,8 @@ def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     from .systems.data import ReplicaExchangeSettings
 
     where = f"{source}: " if source else ""
-    if name not in experiments:
-        raise ConfigError(
-            f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}"
-        )
-    section = experiments[name].get("data", {}) or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}{name}.data must be a mapping")
     accepted = [f.name for f in dataclass_fields(ReplicaExchangeSettings)]
-    _reject_unknown(section, accepted, f"{name}.data", where)
+    section = _section(experiments, name, "data", accepted, where)
     try:
         return ReplicaExchangeSettings(**section)
     except ValueError as err:

@@ -25,6 +25,7 @@ __all__ = [
     "dihedral",
     "phi_psi",
     "realnvp_generator",
+    "realnvp_blocks",
 ]
 
 #: The rigid block kept in Cartesian coordinates by the mixed IC transform (N, CA, HA, CB, C).
@@ -146,6 +147,26 @@ def alanine_dipeptide(solvent: str = "vacuum") -> AlanineDipeptide:
     )
 
 
+def realnvp_blocks(dim: int, n_blocks: int, hidden: int) -> list:
+    """``n_blocks`` RealNVP blocks on ``dim`` dimensions (split, affine coupling with two
+    hidden SiLU layers of width ``hidden`` for shift and scale, swap, merge), from :mod:`bgflow_gate.bg`."""
+    from .. import bg
+
+    half = dim // 2
+    layers = []
+    for _ in range(n_blocks):
+        layers += [
+            bg.SplitFlow(half),
+            bg.CouplingFlow(bg.AffineTransformer(
+                shift_transformation=bg.DenseNet([half, hidden, hidden, dim - half], activation=torch.nn.SiLU()),
+                scale_transformation=bg.DenseNet([half, hidden, hidden, dim - half], activation=torch.nn.SiLU()),
+            )),
+            bg.SwapFlow(),
+            bg.InverseFlow(bg.SplitFlow(half)),
+        ]
+    return layers
+
+
 def realnvp_generator(
     system: AlanineDipeptide,
     data: torch.Tensor,
@@ -172,18 +193,7 @@ def realnvp_generator(
     )
     sizes = [ic.dim_bonds, ic.dim_angles, ic.dim_torsions, ic.dim_fixed]
     dim_ics = sum(sizes)
-    half = dim_ics // 2
-    layers = []
-    for _ in range(n_blocks):
-        layers += [
-            bg.SplitFlow(half),
-            bg.CouplingFlow(bg.AffineTransformer(
-                shift_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
-                scale_transformation=bg.DenseNet([half, hidden, hidden, dim_ics - half], activation=torch.nn.SiLU()),
-            )),
-            bg.SwapFlow(),
-            bg.InverseFlow(bg.SplitFlow(half)),
-        ]
+    layers = realnvp_blocks(dim_ics, n_blocks, hidden)
     layers += [bg.SplitFlow(*sizes), bg.InverseFlow(ic)]  # internal coordinates -> Cartesian
     bridge = bg.OpenMMBridge(system.system, system.integrator(temperature), platform_name=platform_name, n_workers=1)
     target = bg.OpenMMEnergy(bridge=bridge)
