@@ -45,6 +45,14 @@ def _epochs(value: Any, name: str, *, positive: bool = False) -> float:
     return check_number(value, name, "number of epochs", lower=0, strict=positive)
 
 
+def _check_tightens(e_initial: float, e_final: float) -> None:
+    if e_final > e_initial:
+        raise ValueError(
+            f"e_final ({e_final:g} kJ/mol) must not exceed e_initial "
+            f"({e_initial:g} kJ/mol): the gate tightens over training"
+        )
+
+
 def _fmt_epoch(epoch: float) -> str:
     return f"{epoch:g}"
 
@@ -190,11 +198,7 @@ class ThreeStageSchedule(Schedule):
         self.e_final = _energy(e_final, "e_final")
         self.hold_epochs = _epochs(hold_epochs, "hold_epochs")
         self.warmup_epochs = _epochs(warmup_epochs, "warmup_epochs")
-        if self.e_final > self.e_initial:
-            raise ValueError(
-                f"e_final ({self.e_final:g} kJ/mol) must not exceed e_initial "
-                f"({self.e_initial:g} kJ/mol): the gate tightens over training"
-            )
+        _check_tightens(self.e_initial, self.e_final)
         if self.hold_epochs >= self.warmup_epochs:
             raise ValueError(
                 f"hold_epochs ({self.hold_epochs:g}) must be smaller than warmup_epochs "
@@ -255,11 +259,7 @@ class LinearSchedule(Schedule):
         self.e_initial = _energy(e_initial, "e_initial")
         self.e_final = _energy(e_final, "e_final")
         self.epochs = _epochs(epochs, "epochs", positive=True)
-        if self.e_final > self.e_initial:
-            raise ValueError(
-                f"e_final ({self.e_final:g} kJ/mol) must not exceed e_initial "
-                f"({self.e_initial:g} kJ/mol): the gate tightens over training"
-            )
+        _check_tightens(self.e_initial, self.e_final)
 
     def _value(self, epoch: float) -> float:
         p = min(epoch / self.epochs, 1.0)

@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from .energy import _is_int
+
 __all__ = [
     "Flow",
     "SequentialFlow",
@@ -48,10 +50,6 @@ __all__ = [
 ]
 
 Conditioner = Callable[..., torch.Tensor]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _zero_dlogp(x: torch.Tensor, n_batch_dims: Optional[int] = None) -> torch.Tensor:

@@ -279,6 +279,16 @@ def _as_index_array(values: ArrayLike, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def as_z_matrix_array(z_matrix: ArrayLike) -> np.ndarray:
+    """A z-matrix as an int64 array ``[n_rows, 4]`` (an empty one as ``[0, 4]``)."""
+    z = _as_index_array(z_matrix, "z_matrix")
+    if z.size == 0:
+        z = z.reshape(0, 4)
+    if z.ndim != 2 or z.shape[1] != 4:
+        raise ValueError(f"z_matrix must have shape [n_rows, 4], got {list(z.shape)}")
+    return z
+
+
 def placement_stages(z_matrix: np.ndarray, given: Sequence[int]) -> list[np.ndarray]:
     """Group z-matrix rows into stages that can be placed in parallel.
 
@@ -832,11 +842,7 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
             )
         if len(set(fixed.tolist())) != len(fixed):
             raise ValueError(f"fixed_atoms must be distinct, got {fixed.tolist()}")
-        z = _as_index_array(z_matrix, "z_matrix")
-        if z.size == 0:
-            z = z.reshape(0, 4)
-        if z.ndim != 2 or z.shape[1] != 4:
-            raise ValueError(f"z_matrix must have shape [n_rows, 4], got {list(z.shape)}")
+        z = as_z_matrix_array(z_matrix)
         n_atoms = len(fixed) + len(z)
         if np.any(fixed < 0) or np.any(fixed >= n_atoms):
             raise ValueError(

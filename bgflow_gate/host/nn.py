@@ -10,13 +10,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .energy import _is_int
+
 __all__ = ["DenseNet"]
 
 Activation = Optional[Union[torch.nn.Module, Sequence[Optional[torch.nn.Module]]]]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_units(n_units: Sequence[int]) -> list[int]:

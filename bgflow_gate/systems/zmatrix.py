@@ -39,6 +39,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..host.ic import _as_index_array, as_z_matrix_array
+
 __all__ = ["build_z_matrix", "z_matrix_from_topology", "validate_z_matrix"]
 
 
@@ -47,18 +49,8 @@ __all__ = ["build_z_matrix", "z_matrix_from_topology", "validate_z_matrix"]
 # --------------------------------------------------------------------------------------
 
 
-def _int_array(values, name: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integer atom indices, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
-
-
 def _fixed_array(fixed_atoms, n_atoms: int) -> np.ndarray:
-    fixed = _int_array(fixed_atoms, "fixed_atoms").reshape(-1)
+    fixed = _as_index_array(fixed_atoms, "fixed_atoms").reshape(-1)
     bad = [int(i) for i in fixed if not 0 <= i < n_atoms]
     if bad:
         raise ValueError(f"fixed_atoms {bad} out of range [0, {n_atoms})")
@@ -106,11 +98,7 @@ def validate_z_matrix(
     """
     if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
-    z = _int_array(z_matrix, "z_matrix")
-    if z.size == 0:
-        z = z.reshape(0, 4)
-    if z.ndim != 2 or z.shape[1] != 4:
-        raise ValueError(f"z_matrix must have shape [n_rows, 4], got {list(z.shape)}")
+    z = as_z_matrix_array(z_matrix)
     fixed = [] if fixed_atoms is None else _fixed_array(fixed_atoms, n_atoms).tolist()
     placed_by = {atom: "fixed_atoms" for atom in fixed}
     for r, row in enumerate(z.tolist()):
@@ -163,7 +151,7 @@ class _Graph:
         self.heavy = heavy
         self.neighbors: list[set[int]] = [set() for _ in range(n_atoms)]
         for k, bond in enumerate(bonds):
-            pair = _int_array(bond, "bonds").reshape(-1).tolist()
+            pair = _as_index_array(bond, "bonds").reshape(-1).tolist()
             if len(pair) != 2:
                 raise ValueError(f"bond {k} must be a pair of atom indices, got {bond!r}")
             i, j = pair
