@@ -1,13 +1,17 @@
 """Experiments in YAML: load a file, validate an experiment's settings, fill in defaults.
 
-An experiments file maps experiment names to settings. This version reads the ``gate``
-section; every error names the file, the experiment and the key.
+An experiments file maps experiment names to settings. An experiment has the sections
+``data`` (replica exchange), ``gate`` (the energy gate), ``model`` (the generator),
+``training`` (the NLL and mixed stages), ``energy`` (the OpenMM target) and ``evaluation``,
+plus the top-level keys ``device``, ``use_energy_gating``, ``E_cut`` and ``E_max`` (the
+latter two are shorthands for ``gate.e_cut`` and the schedule's final E_max). Every error
+names the file, the experiment and the key, and an unknown key the closest valid one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import difflib
 from dataclasses import fields as dataclass_fields
@@ -26,6 +30,13 @@ __all__ = [
     "gate_settings",
     "experiment_schedule",
     "data_settings",
+    "run_settings",
+    "resolve_device",
+    "TOP_LEVEL_KEYS",
+    "MODEL_DEFAULTS",
+    "TRAINING_DEFAULTS",
+    "ENERGY_DEFAULTS",
+    "EVALUATION_DEFAULTS",
 ]
 
 #: The experiments file the command line reads unless told otherwise.
@@ -96,6 +107,8 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     where = f"{source}: " if source else ""
     section = _section(experiments, name, "gate", GATE_DEFAULTS, where)
     merged = {**GATE_DEFAULTS, **section}
+    merged["schedule"] = dict(merged["schedule"] or {}) if isinstance(merged["schedule"], Mapping) else merged["schedule"]
+    _apply_shorthands(experiments[name], merged, name, where)
     out: dict[str, Any] = {}
     checks = {
         "e_cut": lambda v, key: check_number(v, key, "energy in kJ/mol"),
@@ -120,7 +133,38 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
         raise ConfigError(f"{where}{name}.gate.schedule: {err}") from None
     if out["target_unit"] == "kT" and out["temperature"] is None:
         raise ConfigError(f"{where}{name}.gate: target_unit 'kT' needs gate.temperature (K)")
+    final = out["schedule"].to_dict()[_final_key(out["schedule"].to_dict())]
+    if out["e_cut"] >= final:
+        raise ConfigError(
+            f"{where}{name}: E_cut ({out['e_cut']:g} kJ/mol) must lie below the final E_max "
+            f"({final:g} kJ/mol): the soft cut starts below the hard gate"
+        )
     return out
+
+
+def _final_key(schedule: Mapping) -> str:
+    """The schedule argument that holds the final E_max."""
+    return "value" if schedule.get("type") == "constant" else "e_final"
+
+
+def _apply_shorthands(experiment: Mapping, gate: dict, name: str, where: str) -> None:
+    """Fold the seed's top-level ``E_cut`` / ``E_max`` into the gate settings; a value given
+    twice must agree."""
+    for short, key in (("E_cut", "e_cut"), ("E_max", None)):
+        if short not in experiment:
+            continue
+        value = experiment[short]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}{name}.{short} must be an energy in kJ/mol, got {value!r}")
+        if not isinstance(gate["schedule"], Mapping):
+            raise ConfigError(f"{where}{name}.gate.schedule must be a mapping")
+        holder, field = (gate, key) if key else (gate["schedule"], _final_key(gate["schedule"]))
+        explicit = experiment.get("gate") or {}
+        given = explicit.get(key) if key else (explicit.get("schedule") or {}).get(field)
+        if given is not None and float(given) != float(value):
+            where_given = f"gate.{key}" if key else f"gate.schedule.{field}"
+            raise ConfigError(f"{where}{name}: {short} ({value:g}) and {where_given} ({given:g}) disagree; give one")
+        holder[field] = float(value)
 
 
 def experiment_schedule(path: Union[str, Path], name: str) -> Schedule:
@@ -140,3 +184,209 @@ def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
         return ReplicaExchangeSettings(**section)
     except ValueError as err:
         raise ConfigError(f"{where}{name}.data: {err}") from None
+
+
+# -- the training run (bgflow-gate train) -------------------------------------------------
+
+#: Keys an experiment may have at its top level.
+TOP_LEVEL_KEYS = (
+    "description", "device", "use_energy_gating", "E_cut", "E_max",
+    "data", "gate", "model", "training", "energy", "evaluation",
+)
+
+#: ``model``: the spline generator (see :class:`bgflow_gate.systems.generators.ICSplineFlow`).
+MODEL_DEFAULTS: dict[str, Any] = {
+    "n_torsion_layers": 4,
+    "n_rest_layers": 4,
+    "hidden": 128,
+    "n_bins": 8,
+    "dtype": "float32",
+}
+
+#: ``training``: the NLL stage, then the mixed stage and its NLL-only control, both
+#: continuing from the NLL model with the same seed and length. ``warmup_epochs`` is the
+#: learning-rate warm-up of the NLL stage (the gate's warm-up is ``gate.schedule``).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "batch_size": 256,
+    "lr": 1e-3,
+    "warmup_epochs": 2,
+    "iters_per_epoch": None,
+    "nll_epochs": 50,
+    "mixed_epochs": 20,
+    "mixed_lr": 1e-4,
+    "w_likelihood": 0.9,
+    "w_energy": 0.1,
+    "skip_policy": "drop",
+    "min_keep_fraction": 0.5,
+    "max_grad_norm": 10.0,
+    "clip_forces": None,
+    "on_stall": "relax",
+    "test_fraction": 0.2,
+    "seed": 0,
+}
+
+#: ``energy``: the OpenMM target of the mixed stage and the evaluation.
+ENERGY_DEFAULTS: dict[str, Any] = {"platform": "auto", "n_workers": 1}
+
+#: ``evaluation``: generator samples drawn from each model and the phi/psi histogram.
+EVALUATION_DEFAULTS: dict[str, Any] = {"n_samples": 10000, "bins": 60}
+
+_DEVICES = ("cpu", "cuda", "auto")
+_DTYPES = ("float32", "float64")
+
+
+def _whole(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
+    return value
+
+
+def _positive(value: Any, key: str, what: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a positive, finite {what}, got {value!r}")
+    return check_number(value, key, what, lower=0, strict=True)
+
+
+#: Settings that may be null (meaning: one pass over the data per epoch; no clipping).
+_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces")
+
+
+def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, where: str) -> dict[str, Any]:
+    out = {**defaults, **section}
+    for key, check in checks.items():
+        if out[key] is None and key in _NULLABLE:
+            continue
+        try:
+            out[key] = check(out[key], f"{prefix}.{key}")
+        except ValueError as err:
+            raise ConfigError(f"{where}{err}") from None
+    return out
+
+
+def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
+    checks = {
+        "n_torsion_layers": lambda v, k: _whole(v, k, 1),
+        "n_rest_layers": lambda v, k: _whole(v, k, 1),
+        "hidden": lambda v, k: _whole(v, k, 1),
+        "n_bins": lambda v, k: _whole(v, k, 1),
+        "dtype": lambda v, k: _choice(v, k, _DTYPES),
+    }
+    return _checked(section, MODEL_DEFAULTS, checks, prefix, where)
+
+
+def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
+    from .trainer import SKIP_POLICIES
+
+    def fraction(v, k):
+        if isinstance(v, bool):
+            raise ValueError(f"{k} must be a number in [0, 1], got {v!r}")
+        value = check_number(v, k, "fraction", lower=0)
+        if value > 1:
+            raise ValueError(f"{k} must lie in [0, 1], got {v!r}")
+        return value
+
+    def open_fraction(v, k):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{k} must lie in (0, 1), got {v!r}")
+        return float(v)
+
+    checks = {
+        "batch_size": lambda v, k: _whole(v, k, 1),
+        "lr": lambda v, k: _positive(v, k, "learning rate"),
+        "mixed_lr": lambda v, k: _positive(v, k, "learning rate"),
+        "warmup_epochs": lambda v, k: check_number(v, k, "number of epochs (learning-rate warm-up)", lower=0),
+        "iters_per_epoch": lambda v, k: _whole(v, k, 1),
+        "nll_epochs": lambda v, k: _whole(v, k, 1),
+        "mixed_epochs": lambda v, k: _whole(v, k, 1),
+        "w_likelihood": lambda v, k: fraction(v, k),
+        "w_energy": lambda v, k: fraction(v, k),
+        "skip_policy": lambda v, k: _choice(v, k, tuple(SKIP_POLICIES)),
+        "min_keep_fraction": lambda v, k: fraction(v, k),
+        "max_grad_norm": lambda v, k: _positive(v, k, "gradient norm"),
+        "clip_forces": lambda v, k: _positive(v, k, "force in kT/nm"),
+        "on_stall": lambda v, k: _choice(v, k, ("warn", "relax")),
+        "test_fraction": lambda v, k: open_fraction(v, k),
+        "seed": lambda v, k: _whole(v, k, 0),
+    }
+    out = _checked(section, TRAINING_DEFAULTS, checks, prefix, where)
+    if out["w_likelihood"] + out["w_energy"] <= 0:
+        raise ConfigError(f"{where}{prefix}: w_likelihood + w_energy must be positive")
+    return out
+
+
+def _energy(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
+    checks = {
+        "platform": lambda v, k: _choice(v, k, ("auto", "Reference", "CPU", "CUDA", "OpenCL")),
+        "n_workers": lambda v, k: _whole(v, k, 1),
+    }
+    return _checked(section, ENERGY_DEFAULTS, checks, prefix, where)
+
+
+def _evaluation(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
+    checks = {"n_samples": lambda v, k: _whole(v, k, 10), "bins": lambda v, k: _whole(v, k, 2)}
+    return _checked(section, EVALUATION_DEFAULTS, checks, prefix, where)
+
+
+def resolve_device(requested: str, *, name: str, where: str = "", cuda_available: Optional[bool] = None) -> str:
+    """``"cpu"`` or ``"cuda"`` for an experiment's ``device``; an experiment that asks for CUDA
+    on a machine without it is an error that says how to run it on the CPU instead."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "auto":
+        return "cuda" if cuda else "cpu"
+    if requested == "cuda" and not cuda:
+        raise ConfigError(
+            f"{where}experiment {name!r} runs on device 'cuda', but CUDA is not available on this "
+            "machine; pass --device cpu to run it on the CPU (slowly), or pick a CPU experiment"
+        )
+    return requested
+
+
+def run_settings(
+    experiments: Mapping[str, Mapping], name: str, *, source: str = "", device: Optional[str] = None,
+    cuda_available: Optional[bool] = None,
+) -> dict[str, Any]:
+    """Every validated setting of experiment ``name`` for ``bgflow-gate train``.
+
+    Returns a dict with ``name``, ``device`` (resolved: ``"cpu"`` or ``"cuda"``;
+    ``device`` overrides the experiment's), ``use_energy_gating``, ``data``
+    (:class:`~bgflow_gate.systems.data.ReplicaExchangeSettings`), ``gate`` (see
+    :func:`gate_settings`), ``model``, ``training``, ``energy`` and ``evaluation`` (dicts with
+    defaults filled in).
+    """
+    where = f"{source}: " if source else ""
+    if name not in experiments:
+        raise ConfigError(f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}")
+    experiment = experiments[name]
+    _reject_unknown(experiment, TOP_LEVEL_KEYS, name, where)
+    use_gate = experiment.get("use_energy_gating", True)
+    if not isinstance(use_gate, bool):
+        raise ConfigError(f"{where}{name}.use_energy_gating must be true or false, got {use_gate!r}")
+    try:
+        requested = _choice(experiment.get("device", "auto") if device is None else device,
+                            f"{name}.device" if device is None else "--device", _DEVICES)
+    except ValueError as err:
+        raise ConfigError(f"{where}{err}") from None
+    sections = {}
+    for key, build in (("model", _model), ("training", _training), ("energy", _energy), ("evaluation", _evaluation)):
+        defaults = {"model": MODEL_DEFAULTS, "training": TRAINING_DEFAULTS,
+                    "energy": ENERGY_DEFAULTS, "evaluation": EVALUATION_DEFAULTS}[key]
+        section = _section(experiments, name, key, defaults, where)
+        sections[key] = build(section, f"{name}.{key}", where)
+    return {
+        "name": name,
+        "device": resolve_device(requested, name=name, where=where, cuda_available=cuda_available),
+        "use_energy_gating": use_gate,
+        "data": data_settings(experiments, name, source=source),
+        "gate": gate_settings(experiments, name, source=source),
+        **sections,
+    }

@@ -278,7 +278,7 @@ class EnergyStatistics:
 HISTORY_KEYS = (
     "epoch", "e_max", "scheduled_e_max", "batches", "batches_skipped", "skip_rate",
     "steps_skipped", "nonfinite_steps", "samples", "samples_gated", "nonfinite",
-    "energy_p50", "energy_max", "kll", "nll", "logdet_mean", "logdet_std", "lr", "seconds",
+    "energy_p50", "energy_p90", "energy_max", "kll", "nll", "logdet_mean", "logdet_std", "lr", "seconds",
 )
 
 

@@ -112,10 +112,11 @@ class ProgressiveKLTrainer(bg.KLTrainer):
     ----------
     bg, optim, train_likelihood, train_energy, custom_loss, test_likelihood
         As in bgflow's ``KLTrainer``.
-    gate : ScheduledEnergyGate, optional
+    gate : ScheduledEnergyGate or False, optional
         The gate. Default: the generator's target if it is a gate already, otherwise the
         target wrapped in a new gate built from the arguments below (it replaces the
-        generator's target).
+        generator's target). ``False``: no gate, the KL term sees the raw target as in
+        bgflow's ``KLTrainer`` (for comparisons; the trainer's other features stay).
     schedule : Schedule or dict, optional
         E_max schedule of a new gate (default :class:`ThreeStageSchedule`).
     e_cut : float
@@ -181,7 +182,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         custom_loss: Optional[Callable] = None,
         test_likelihood: bool = False,
         *,
-        gate: Optional[ScheduledEnergyGate] = None,
+        gate: Union[ScheduledEnergyGate, bool, None] = None,
         schedule: Union[Schedule, dict, None] = None,
         e_cut: float = 500.0,
         target_unit: Optional[str] = None,
@@ -242,6 +243,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
 
     def _resolve_gate(self, gate, schedule, e_cut, target_unit, temperature, adaptive_quantile):
         target = getattr(self.bg, "_target", None)
+        if gate is False:
+            if isinstance(target, ScheduledEnergyGate):
+                raise ValueError("gate=False, but the generator's target is a gate; give it the raw target")
+            return None
         if isinstance(target, ScheduledEnergyGate):
             if gate is not None and gate is not target:
                 raise ValueError("the generator's target is already a gate; do not pass another one")
@@ -590,6 +595,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             "samples_gated": gate_stats.get("gated", 0),
             "nonfinite": gate_stats.get("nonfinite", 0),
             "energy_p50": gate_stats.get("energy_p50", math.nan),
+            "energy_p90": gate_stats.get("energy_p90", math.nan),
             "energy_max": gate_stats.get("energy_max", math.nan),
             "kll": acc.kll_sum / acc.kll_n if acc.kll_n else math.nan,
             "nll": acc.nll_sum / acc.nll_n if acc.nll_n else math.nan,
@@ -629,12 +635,16 @@ class ProgressiveKLTrainer(bg.KLTrainer):
 
     @staticmethod
     def summary_line(record: dict) -> str:
-        """One line describing an epoch record."""
+        """One line describing an epoch record (without the gate's fields when there is no gate)."""
+        gate = (
+            f"  E_max {record['e_max']:.3g} kJ/mol"
+            f"  KL skipped {record['batches_skipped']}/{record['batches']} ({record['skip_rate']:.0%})"
+            f"  gated {record['samples_gated']}/{record['samples']}"
+        ) if not math.isnan(record["e_max"]) else ""
+        kll = f"  KLL {record['kll']:.4g}" if not math.isnan(record["kll"]) else ""
+        p50 = f"  E_p50 {record['energy_p50']:.3g}" if not math.isnan(record["energy_p50"]) else ""
         return (
-            f"epoch {record['epoch']:>4}  E_max {record['e_max']:.3g} kJ/mol  "
-            f"KL skipped {record['batches_skipped']}/{record['batches']} ({record['skip_rate']:.0%})  "
-            f"gated {record['samples_gated']}/{record['samples']}  KLL {record['kll']:.4g}  "
-            f"NLL {record['nll']:.4g}  E_p50 {record['energy_p50']:.3g}  lr {record['lr']:.3g}"
+            f"epoch {record['epoch']:>4}{gate}{kll}  NLL {record['nll']:.4g}{p50}  lr {record['lr']:.3g}"
             + ("  ! " + " | ".join(record["alerts"]) if record["alerts"] else "")
         )
 

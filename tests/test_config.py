@@ -16,6 +16,7 @@ from bgflow_gate.config import (
 from bgflow_gate.schedules import ConstantSchedule, LinearSchedule, ThreeStageSchedule
 
 REPO_CONFIG = Path(__file__).parents[1] / "configs" / "experiments.yaml"
+REPO_EXPERIMENTS = {"default", "legacy_linear", "lenient", "smoke", "aa_300_450_cpu", "aa_300_450_gpu"}
 
 
 def write(tmp_path, text, name="experiments.yaml"):
@@ -40,7 +41,7 @@ def test_default_config_path_is_configs_experiments_yaml():
 
 def test_repo_config_defines_default_legacy_linear_and_lenient():
     experiments = load_experiments(REPO_CONFIG)
-    assert set(experiments) == {"default", "legacy_linear", "lenient", "smoke"}
+    assert set(experiments) == REPO_EXPERIMENTS
 
 
 def test_repo_default_experiment_uses_the_default_three_stage_schedule():
@@ -62,7 +63,7 @@ def test_repo_lenient_experiment_has_longer_warmup_and_higher_final_e_max():
 
 
 def test_accepts_a_path_given_as_string():
-    assert set(load_experiments(str(REPO_CONFIG))) == {"default", "legacy_linear", "lenient", "smoke"}
+    assert set(load_experiments(str(REPO_CONFIG))) == REPO_EXPERIMENTS
 
 
 # -- defaults --------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_experiment_that_is_not_a_mapping_raises_config_error_naming_it(tmp_path
 
 def test_unknown_experiment_raises_listing_available_ones():
     experiments = load_experiments(REPO_CONFIG)
-    with pytest.raises(ConfigError, match="no experiment named 'nope'; available: default, legacy_linear, lenient"):
+    with pytest.raises(ConfigError, match="no experiment named 'nope'; available: aa_300_450_cpu, aa_300_450_gpu, default, legacy_linear"):
         gate_settings(experiments, "nope")
 
 

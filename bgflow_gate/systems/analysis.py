@@ -1,16 +1,27 @@
-"""Analysis of alanine dipeptide samples: basins, statistical inefficiency, dataset checks."""
+"""Analysis of alanine dipeptide samples: basins, free energies, importance weights,
+statistical inefficiency, dataset checks."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from .alanine import alanine_dipeptide, phi_psi
 
-__all__ = ["basin_fractions", "phi_psi_kl", "statistical_inefficiency", "validate_dataset", "format_validation"]
+__all__ = [
+    "basin_fractions",
+    "phi_psi_kl",
+    "kish_ess",
+    "phi_free_energy_difference",
+    "md_metrics",
+    "sample_metrics",
+    "statistical_inefficiency",
+    "validate_dataset",
+    "format_validation",
+]
 
 #: Basins of the phi/psi plane (degrees): phi < 0 splits at phi = -120 into C5/beta (extended)
 #: and C7eq/alpha_R; phi > 0 holds C7ax/alpha_L.
@@ -25,6 +36,91 @@ def basin_fractions(phi: np.ndarray, psi: np.ndarray) -> dict[str, float]:
     """Fraction of samples in each basin of :data:`BASINS` (angles in radians)."""
     phi_d, psi_d = np.degrees(phi), np.degrees(psi)
     return {name: float(np.mean(test(phi_d, psi_d))) for name, test in BASINS.items()}
+
+
+def kish_ess(log_weights: np.ndarray) -> float:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` from log weights; samples with a
+    non-finite log weight (e.g. a failed energy) have weight zero."""
+    lw = np.asarray(log_weights, dtype=float)
+    lw = lw[np.isfinite(lw)]
+    if len(lw) == 0:
+        return 0.0
+    lw = lw - lw.max()
+    w = np.exp(lw)
+    return float(w.sum() ** 2 / np.square(w).sum())
+
+
+def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: Optional[np.ndarray] = None) -> Optional[float]:
+    """``F(phi > 0) - F(phi < 0) = -kT ln(P(phi > 0) / P(phi < 0))`` in the unit of ``kt``;
+    ``None`` when either side holds no (weighted) sample."""
+    w = np.ones_like(phi, dtype=float) if weights is None else np.asarray(weights, dtype=float)
+    positive, negative = w[phi >= 0].sum(), w[phi < 0].sum()
+    if positive <= 0 or negative <= 0:
+        return None
+    return float(-kt * math.log(positive / negative))
+
+
+def md_metrics(phi: np.ndarray, psi: np.ndarray, kt: float) -> dict[str, Any]:
+    """Basin populations and the phi free-energy difference (kJ/mol for ``kt`` in kJ/mol) of MD frames."""
+    return {
+        "frames": int(len(phi)),
+        "basins": basin_fractions(phi, psi),
+        "delta_f_phi_kjmol": phi_free_energy_difference(phi, kt),
+    }
+
+
+def sample_metrics(
+    x: torch.Tensor, energies: np.ndarray, log_weights: np.ndarray, reference: torch.Tensor, *,
+    kt: float, e_cut: float, bins: int = 60,
+) -> dict[str, Any]:
+    """The metrics of generator samples ``x`` against MD frames ``reference``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Samples ``[n, 66]`` (nm).
+    energies : numpy.ndarray
+        Their energies in kJ/mol (non-finite: a failed evaluation).
+    log_weights : numpy.ndarray
+        Their log importance weights ``-u(x) - log q(x)`` (up to a constant).
+    reference : torch.Tensor
+        MD test frames.
+    kt : float
+        kT in kJ/mol at the target's temperature.
+    e_cut : float
+        The soft-cut energy in kJ/mol.
+
+    Returns
+    -------
+    dict
+        ``samples``, ``below_e_cut`` (fraction, non-finite energies count as above),
+        ``phi_psi_kl`` (see :func:`phi_psi_kl`), ``ess`` (Kish, samples) and ``ess_percent``,
+        ``energy_median_kjmol``, ``basins`` (unweighted), ``basins_reweighted``, and
+        ``delta_f_phi_kjmol`` from the reweighted samples (``None`` if a side is empty).
+    """
+    energies = np.asarray(energies, dtype=float)
+    lw = np.asarray(log_weights, dtype=float)
+    phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
+    finite = np.isfinite(lw)
+    w = np.zeros_like(lw)
+    if finite.any():
+        w[finite] = np.exp(lw[finite] - lw[finite].max())
+    ess = kish_ess(lw)
+    reweighted = {}
+    for name, test in BASINS.items():
+        inside = test(np.degrees(phi), np.degrees(psi))
+        reweighted[name] = float(w[inside].sum() / w.sum()) if w.sum() > 0 else math.nan
+    return {
+        "samples": int(len(energies)),
+        "below_e_cut": float(np.mean(np.isfinite(energies) & (energies < e_cut))),
+        "phi_psi_kl": phi_psi_kl(x, reference, bins=bins),
+        "ess": ess,
+        "ess_percent": 100.0 * ess / len(energies),
+        "energy_median_kjmol": float(np.median(np.where(np.isfinite(energies), energies, np.inf))),
+        "basins": basin_fractions(phi, psi),
+        "basins_reweighted": reweighted,
+        "delta_f_phi_kjmol": phi_free_energy_difference(phi, kt, w),
+    }
 
 
 def phi_psi_kl(samples: torch.Tensor, reference: torch.Tensor, bins: int = 60) -> float:
