@@ -307,15 +307,21 @@ def _evaluate(ctx: _Stage, run: RunDirectory, log: Callable[[str], None]) -> dic
 
 
 def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The mixed model against the control (item: the mixed stage must help)."""
+    """The mixed model against the NLL-only control: it helps when it has more samples below
+    E_cut and a larger ESS, with a phi/psi KL no worse than the control's beyond the noise of
+    resampling (0.1). The fraction's gain comes with its standard error."""
     mixed, control = metrics["mixed"], metrics["control"]
     kl_noise = 0.1
+    # standard error of the difference of two fractions from independent samples
+    se = math.sqrt(sum(m["below_e_cut"] * (1 - m["below_e_cut"]) / m["samples"] for m in (mixed, control)))
     out = {
         "below_e_cut_gain": mixed["below_e_cut"] - control["below_e_cut"],
+        "below_e_cut_gain_standard_error": se,
         "ess_percent_gain": mixed["ess_percent"] - control["ess_percent"],
         "phi_psi_kl_change": mixed["phi_psi_kl"] - control["phi_psi_kl"],
         "kl_noise_level": kl_noise,
     }
+    out["below_e_cut_gain_significant"] = bool(out["below_e_cut_gain"] > 2 * se)
     out["mixed_helps"] = bool(
         out["below_e_cut_gain"] > 0 and out["ess_percent_gain"] > 0 and out["phi_psi_kl_change"] <= kl_noise
     )

@@ -205,7 +205,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"{'MD':<10} {'':>12} {'':>11} {'':>9} {'':>11} {('%.2f' % md_df) if md_df is not None else 'n/a':>16}")
     c = summary["mixed_vs_control"]
     lines.append(
-        f"mixed vs control: below E_cut {100 * c['below_e_cut_gain']:+.1f} points, ESS {c['ess_percent_gain']:+.3g} points, "
+        f"mixed vs control: below E_cut {100 * c['below_e_cut_gain']:+.2f} points "
+        f"(+- {100 * c['below_e_cut_gain_standard_error']:.2f}), ESS {c['ess_percent_gain']:+.3g} points, "
         f"KL {c['phi_psi_kl_change']:+.3f} -> {'the mixed stage helped' if c['mixed_helps'] else 'the mixed stage did NOT help'}"
     )
     lines.append("wall time [s]: " + ", ".join(
