@@ -144,6 +144,7 @@ class ICSplineFlow(bg.Flow):
         return bonds, angles, t, fixed, dlogp
 
     def _inverse(self, bonds, angles, t, fixed, **kwargs):
+        t = torch.remainder(t, 1.0)  # torsions in turns: a whole turn is the same point
         r = (torch.cat([bonds, angles, fixed], dim=-1) - self.mean) * (-self.log_std).exp()
         dlogp = (-self.log_std.sum()).expand(r.shape[0], 1)
         features = self.features(t)
