@@ -53,6 +53,14 @@ def _epoch_list(text: str) -> list[float]:
         ) from None
 
 
+def _experiment_options(parser: argparse.ArgumentParser, quiet: str) -> None:
+    """The options of the commands that run an experiment: which one, where its data are cached."""
+    parser.add_argument("--experiment", required=True, help="experiment name in the experiments file")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiments file (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data", help="data cache directory (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help=quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bgflow-gate",
@@ -101,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
             "call with the same settings loads the cached file."
         ),
     )
-    data.add_argument("--experiment", required=True, help="experiment name in the experiments file")
-    data.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiments file (default: %(default)s)")
-    data.add_argument("--data-dir", default="data", help="cache directory (default: %(default)s)")
-    data.add_argument("--quiet", action="store_true", help="no progress line")
+    _experiment_options(data, quiet="no progress line")
     data.set_defaults(func=_cmd_data)
 
     check = sub.add_parser("check-data", help="check a dataset file", description="Check a dataset file.")
@@ -120,14 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluation against MD -> summary.json and plots in the run directory."
         ),
     )
-    train.add_argument("--experiment", required=True, help="experiment name in the experiments file")
-    train.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiments file (default: %(default)s)")
+    _experiment_options(train, quiet="no progress line, no per-epoch lines")
     train.add_argument("--device", choices=("cpu", "cuda", "auto"),
                        help="where the flow trains (default: the experiment's device)")
     train.add_argument("--out", help="run directory (default: runs/EXPERIMENT)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--data-dir", default="data", help="data cache directory (default: %(default)s)")
-    train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     train.set_defaults(func=_cmd_train)
 
     report = sub.add_parser("report", help="re-draw the plots of a run and print its metrics",

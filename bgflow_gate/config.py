@@ -20,7 +20,7 @@ import yaml
 
 from .schedules import Schedule, schedule_from_dict
 from .units import check_temperature, parse_unit
-from .validation import check_number, check_open_fraction
+from .validation import check_fraction, check_number, check_open_fraction, check_whole
 
 __all__ = [
     "ConfigError",
@@ -235,12 +235,6 @@ _DEVICES = ("cpu", "cuda", "auto")
 _DTYPES = ("float32", "float64")
 
 
-def _whole(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
 def _choice(value: Any, key: str, choices) -> str:
     if value not in choices:
         close = difflib.get_close_matches(str(value), list(choices), n=1)
@@ -250,8 +244,6 @@ def _choice(value: Any, key: str, choices) -> str:
 
 
 def _positive(value: Any, key: str, what: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a positive, finite {what}, got {value!r}")
     return check_number(value, key, what, lower=0, strict=True)
 
 
@@ -273,10 +265,10 @@ def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, 
 
 def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     checks = {
-        "n_torsion_layers": lambda v, k: _whole(v, k, 1),
-        "n_rest_layers": lambda v, k: _whole(v, k, 1),
-        "hidden": lambda v, k: _whole(v, k, 1),
-        "n_bins": lambda v, k: _whole(v, k, 1),
+        "n_torsion_layers": lambda v, k: check_whole(v, k, 1),
+        "n_rest_layers": lambda v, k: check_whole(v, k, 1),
+        "hidden": lambda v, k: check_whole(v, k, 1),
+        "n_bins": lambda v, k: check_whole(v, k, 1),
         "dtype": lambda v, k: _choice(v, k, _DTYPES),
     }
     return _checked(section, MODEL_DEFAULTS, checks, prefix, where)
@@ -285,36 +277,28 @@ def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
 def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     from .trainer import SKIP_POLICIES
 
-    def fraction(v, k):
-        if isinstance(v, bool):
-            raise ValueError(f"{k} must be a number in [0, 1], got {v!r}")
-        value = check_number(v, k, "fraction", lower=0)
-        if value > 1:
-            raise ValueError(f"{k} must lie in [0, 1], got {v!r}")
-        return value
-
     def open_fraction(v, k):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
             raise ValueError(f"{k} must lie in (0, 1), got {v!r}")
         return float(v)
 
     checks = {
-        "batch_size": lambda v, k: _whole(v, k, 1),
+        "batch_size": lambda v, k: check_whole(v, k, 1),
         "lr": lambda v, k: _positive(v, k, "learning rate"),
         "mixed_lr": lambda v, k: _positive(v, k, "learning rate"),
         "warmup_epochs": lambda v, k: check_number(v, k, "number of epochs (learning-rate warm-up)", lower=0),
-        "iters_per_epoch": lambda v, k: _whole(v, k, 1),
-        "nll_epochs": lambda v, k: _whole(v, k, 1),
-        "mixed_epochs": lambda v, k: _whole(v, k, 1),
-        "w_likelihood": lambda v, k: fraction(v, k),
-        "w_energy": lambda v, k: fraction(v, k),
+        "iters_per_epoch": lambda v, k: check_whole(v, k, 1),
+        "nll_epochs": lambda v, k: check_whole(v, k, 1),
+        "mixed_epochs": lambda v, k: check_whole(v, k, 1),
+        "w_likelihood": check_fraction,
+        "w_energy": check_fraction,
         "skip_policy": lambda v, k: _choice(v, k, tuple(SKIP_POLICIES)),
-        "min_keep_fraction": lambda v, k: fraction(v, k),
+        "min_keep_fraction": check_fraction,
         "max_grad_norm": lambda v, k: _positive(v, k, "gradient norm"),
         "clip_forces": lambda v, k: _positive(v, k, "force in kT/nm"),
         "on_stall": lambda v, k: _choice(v, k, ("warn", "relax")),
         "test_fraction": lambda v, k: open_fraction(v, k),
-        "seed": lambda v, k: _whole(v, k, 0),
+        "seed": lambda v, k: check_whole(v, k, 0),
     }
     out = _checked(section, TRAINING_DEFAULTS, checks, prefix, where)
     if out["w_likelihood"] + out["w_energy"] <= 0:
@@ -325,13 +309,13 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
 def _energy(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     checks = {
         "platform": lambda v, k: _choice(v, k, ("auto", "Reference", "CPU", "CUDA", "OpenCL")),
-        "n_workers": lambda v, k: _whole(v, k, 1),
+        "n_workers": lambda v, k: check_whole(v, k, 1),
     }
     return _checked(section, ENERGY_DEFAULTS, checks, prefix, where)
 
 
 def _evaluation(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
-    checks = {"n_samples": lambda v, k: _whole(v, k, 10), "bins": lambda v, k: _whole(v, k, 2)}
+    checks = {"n_samples": lambda v, k: check_whole(v, k, 10), "bins": lambda v, k: check_whole(v, k, 2)}
     return _checked(section, EVALUATION_DEFAULTS, checks, prefix, where)
 
 

@@ -132,7 +132,7 @@ def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool) -> None:
     run.write_json(run.settings, {**wanted, "device": settings["device"]})
 
 
-class _Stage:
+class _RunContext:
     """The data, the system and the target shared by all stages of one run."""
 
     def __init__(self, settings: dict[str, Any], data_dir: Union[str, Path], log: Callable[[str], None], progress: bool):
@@ -200,7 +200,7 @@ def _epoch_progress(trainer: ProgressiveKLTrainer, stage: str, n_epochs: int, lo
     return bar
 
 
-def _train_stage(stage: str, ctx: _Stage, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
     settings, t = ctx.settings, ctx.settings["training"]
     n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
     torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
@@ -259,7 +259,7 @@ def _train_stage(stage: str, ctx: _Stage, run: RunDirectory, log: Callable[[str]
 # -- evaluation -------------------------------------------------------------------------
 
 
-def _sample(ctx: _Stage, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
+def _sample(ctx: _RunContext, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
     """Samples of a stage's model: coordinates, energies (kJ/mol) and log weights."""
     gen = ctx.generator()
     gen.flow.load_state_dict(torch.load(run.model(stage), map_location=ctx.device))
@@ -280,7 +280,7 @@ def _sample(ctx: _Stage, stage: str, run: RunDirectory, n: int, chunk: int = 204
     return torch.cat(xs), torch.cat(energies).numpy(), torch.cat(logw).numpy()
 
 
-def _evaluate(ctx: _Stage, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+def _evaluate(ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
     from .systems.alanine import phi_psi
     from .systems.analysis import md_metrics, sample_metrics
 
@@ -371,7 +371,7 @@ def train_experiment(
 
     run = RunDirectory(out_dir)
     _prepare(run, settings, resume)
-    ctx = _Stage(settings, data_dir, log, progress)
+    ctx = _RunContext(settings, data_dir, log, progress)
     try:
         done = run.read_progress()
         if "data" not in done:

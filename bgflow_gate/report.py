@@ -18,7 +18,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -55,6 +55,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, title: Optional[str] = None) -> None:
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _ramachandran(plt, ev, summary, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.3), sharex=True, sharey=True)
     edges = np.linspace(-180, 180, 61)
@@ -75,10 +83,7 @@ def _ramachandran(plt, ev, summary, path: Path) -> None:
         ax.set_xlabel("phi [deg]")
         ax.axvline(0, color="white", lw=0.5, ls="--")
     axes[0].set_ylabel("psi [deg]")
-    fig.suptitle(f"{summary['experiment']}: phi/psi free energy (kT, 0 = most populated cell)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, f"{summary['experiment']}: phi/psi free energy (kT, 0 = most populated cell)")
 
 
 def _energies(plt, ev, summary, path: Path) -> None:
@@ -103,9 +108,7 @@ def _energies(plt, ev, summary, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(f"{summary['experiment']}: energies of generator samples vs MD at {summary['temperature_k']:g} K")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _training(plt, histories, summary, path: Path) -> None:
@@ -157,10 +160,7 @@ def _training(plt, histories, summary, path: Path) -> None:
     ax.set_xlabel("epoch (NLL stage, then its continuations)")
     ax.set_ylabel("NLL")
     ax.legend(fontsize=8)
-    fig.suptitle(f"{summary['experiment']}: training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, f"{summary['experiment']}: training")
 
 
 def draw_plots(run_dir: Union[str, Path]) -> list[Path]:

@@ -33,7 +33,7 @@ from .host.distributions import DataSetSampler, as_tuple
 from .schedules import Schedule
 from .stats import HealthMonitor, write_history
 from .units import parse_unit
-from .validation import check_number
+from .validation import check_fraction, check_number
 
 __all__ = ["ProgressiveKLTrainer", "SKIP_POLICIES", "clip_gradient"]
 
@@ -217,9 +217,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if checkpoint_every is not None and checkpoint_path is None:
             raise ValueError("checkpoint_every needs checkpoint_path")
         self.skip_policy = skip_policy
-        self.min_keep_fraction = check_number(min_keep_fraction, "min_keep_fraction", "fraction", lower=0)
-        if self.min_keep_fraction > 1:
-            raise ValueError(f"min_keep_fraction must lie in [0, 1], got {min_keep_fraction!r}")
+        self.min_keep_fraction = check_fraction(min_keep_fraction, "min_keep_fraction")
         self.max_grad_norm = (
             None if max_grad_norm is None else check_number(max_grad_norm, "max_grad_norm", "norm", lower=0, strict=True)
         )

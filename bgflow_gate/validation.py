@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["check_number", "check_open_fraction"]
+import numpy as np
+
+__all__ = ["check_number", "check_whole", "check_fraction", "check_open_fraction"]
 
 
 def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = None, strict: bool = False) -> float:
@@ -54,4 +56,20 @@ def check_open_fraction(value: Any, name: str) -> float:
     out = check_number(value, name, "number", lower=0, strict=True)
     if out >= 1:
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+    return out
+
+
+def check_whole(value: Any, name: str, minimum: int) -> int:
+    """``int(value)`` if it is a whole number (not a bool) of at least ``minimum``; otherwise a
+    ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """``float(value)`` if it lies in ``[0, 1]``; otherwise a ``ValueError``."""
+    out = check_number(value, name, "fraction", lower=0)
+    if out > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
     return out

@@ -38,16 +38,22 @@ def basin_fractions(phi: np.ndarray, psi: np.ndarray) -> dict[str, float]:
     return {name: float(np.mean(test(phi_d, psi_d))) for name, test in BASINS.items()}
 
 
+def _weights(log_weights: np.ndarray) -> np.ndarray:
+    """Importance weights scaled so the largest is 1; a non-finite log weight (e.g. a failed
+    energy) gives weight zero."""
+    lw = np.asarray(log_weights, dtype=float)
+    finite = np.isfinite(lw)
+    w = np.zeros_like(lw)
+    if finite.any():
+        w[finite] = np.exp(lw[finite] - lw[finite].max())
+    return w
+
+
 def kish_ess(log_weights: np.ndarray) -> float:
     """Kish's effective sample size ``(sum w)^2 / sum w^2`` from log weights; samples with a
     non-finite log weight (e.g. a failed energy) have weight zero."""
-    lw = np.asarray(log_weights, dtype=float)
-    lw = lw[np.isfinite(lw)]
-    if len(lw) == 0:
-        return 0.0
-    lw = lw - lw.max()
-    w = np.exp(lw)
-    return float(w.sum() ** 2 / np.square(w).sum())
+    w = _weights(log_weights)
+    return float(w.sum() ** 2 / np.square(w).sum()) if w.any() else 0.0
 
 
 def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: Optional[np.ndarray] = None) -> Optional[float]:
@@ -99,13 +105,9 @@ def sample_metrics(
         ``delta_f_phi_kjmol`` from the reweighted samples (``None`` if a side is empty).
     """
     energies = np.asarray(energies, dtype=float)
-    lw = np.asarray(log_weights, dtype=float)
     phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
-    finite = np.isfinite(lw)
-    w = np.zeros_like(lw)
-    if finite.any():
-        w[finite] = np.exp(lw[finite] - lw[finite].max())
-    ess = kish_ess(lw)
+    w = _weights(log_weights)
+    ess = kish_ess(log_weights)
     reweighted = {}
     for name, test in BASINS.items():
         inside = test(np.degrees(phi), np.degrees(psi))

@@ -31,16 +31,10 @@ from typing import Optional, Union
 import numpy as np
 
 from ..units import MOLAR_GAS_CONSTANT
-from ..validation import check_number
+from ..validation import check_number, check_whole
 from .alanine import SOLVENTS, alanine_dipeptide
 
 __all__ = ["ReplicaExchangeSettings", "Dataset", "generate_dataset", "load_dataset", "Progress"]
-
-
-def _whole(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -89,11 +83,11 @@ class ReplicaExchangeSettings:
         values = {
             "t_min": check_number(self.t_min, "t_min", "temperature in K", lower=0, strict=True),
             "t_max": check_number(self.t_max, "t_max", "temperature in K", lower=0, strict=True),
-            "n_replicas": _whole(self.n_replicas, "n_replicas", 1),
-            "n_iterations": _whole(self.n_iterations, "n_iterations", 1),
-            "steps_per_iteration": _whole(self.steps_per_iteration, "steps_per_iteration", 1),
-            "equilibration_iterations": _whole(self.equilibration_iterations, "equilibration_iterations", 0),
-            "seed": _whole(self.seed, "seed", 0),
+            "n_replicas": check_whole(self.n_replicas, "n_replicas", 1),
+            "n_iterations": check_whole(self.n_iterations, "n_iterations", 1),
+            "steps_per_iteration": check_whole(self.steps_per_iteration, "steps_per_iteration", 1),
+            "equilibration_iterations": check_whole(self.equilibration_iterations, "equilibration_iterations", 0),
+            "seed": check_whole(self.seed, "seed", 0),
             "timestep": check_number(self.timestep, "timestep", "time step in ps", lower=0, strict=True),
             "friction": check_number(self.friction, "friction", "friction in 1/ps", lower=0, strict=True),
         }
