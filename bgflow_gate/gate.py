@@ -423,6 +423,21 @@ class ScheduledEnergyGate(bg.Energy):
             **stats.summary(),
         }
 
+    @property
+    def epoch_statistics(self) -> EnergyStatistics:
+        """The accumulator of the current epoch's window (what ``statistics("epoch")`` reads)."""
+        return self._stats["epoch"]
+
+    @epoch_statistics.setter
+    def epoch_statistics(self, stats: EnergyStatistics) -> None:
+        self._stats["epoch"] = stats
+
+    def all_reduce_statistics(self, ranks) -> None:
+        """Combine the current epoch's statistics across the ranks of ``ranks`` (a
+        :class:`~bgflow_gate.distributed.Ranks`; a collective), so that every rank's window,
+        and the adaptive floor taken from it when the epoch closes, describe all ranks' samples."""
+        self._stats["epoch"].all_reduce(ranks)
+
     def reset_statistics(self) -> None:
         """Forget all statistics (the epoch and the adaptive floor stay)."""
         self._stats = {w: EnergyStatistics() for w in _WINDOWS}

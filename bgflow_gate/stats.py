@@ -167,6 +167,25 @@ class EnergyStatistics:
             [torch.minimum(self._extremes[0], ext[0]), torch.maximum(self._extremes[1], ext[1])]
         )
 
+    def all_reduce(self, ranks) -> None:
+        """Combine this accumulator across ranks in place: afterwards every rank holds the
+        statistics of all ranks' samples (counts summed, extremes the global ones).
+
+        ``ranks`` is a :class:`bgflow_gate.distributed.Ranks`; a collective, so every rank
+        must call it. Nothing happens in a single process.
+        """
+        if not ranks.distributed:
+            return
+        self._fold()
+        self._allocate(self.device or ranks.device)
+        sizes = torch.tensor([self.calls, self.samples], dtype=torch.int64, device=self._counts.device)
+        summed, = ranks.all_reduce([torch.cat([sizes, self._counts, self._hist])], "sum")
+        lo_neg_hi, = ranks.all_reduce([self._extremes * torch.tensor([1.0, -1.0], device=self._extremes.device)], "min")
+        n = len(GateReason)
+        self.calls, self.samples = (int(v) for v in summed[:2].tolist())
+        self._counts, self._hist = summed[2 : 2 + n].clone(), summed[2 + n :].clone()
+        self._extremes = lo_neg_hi * torch.tensor([1.0, -1.0], device=lo_neg_hi.device)
+
     def copy(self) -> "EnergyStatistics":
         """An independent copy."""
         out = EnergyStatistics()

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from . import bg
+from .distributed import Ranks, plain_state_dict, rank_seed, wrapped_state_dict
 from .gate import ScheduledEnergyGate
 from .host.distributions import DataSetSampler, as_tuple
 from .schedules import Schedule
-from .stats import HealthMonitor, write_history
+from .stats import EnergyStatistics, HealthMonitor, TrainingHealthWarning, write_history
 from .units import parse_unit
 from .validation import check_fraction, check_number
 
@@ -156,11 +157,22 @@ class ProgressiveKLTrainer(bg.KLTrainer):
     checkpoint_path : str or Path, optional
         Where checkpoints go.
     log_dir : str or Path, optional
-        Write the epoch history as TensorBoard scalars here (needs ``tensorboard``).
+        Write the epoch history as TensorBoard scalars here (needs ``tensorboard``; rank 0 only).
+    process_group : torch.distributed.ProcessGroup or False, optional
+        Data-parallel training (see :mod:`bgflow_gate.distributed`). Default: the group of
+        a ``DistributedDataParallel`` wrapper inside ``bg`` (e.g. ``bg.flow``), else the
+        default group when ``torch.distributed`` is initialised, else none. ``False``:
+        every process trains on its own. Under a group each rank draws ``batchsize``
+        samples (and a disjoint shard of tensor data), one collective per iteration sums
+        the gradients and the counts behind every skip decision, the gate's statistics and
+        the history describe all ranks together, rank 0 writes checkpoints and logs, and
+        each rank has its own reproducible random streams.
 
     Attributes
     ----------
     gate : ScheduledEnergyGate
+    ranks : bgflow_gate.distributed.Ranks
+        The ranks training together (``ranks.size == 1`` in a single process).
     epoch : float
         Epochs trained so far (``iteration / iters_per_epoch``).
     iteration : int
@@ -199,6 +211,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         checkpoint_every: Optional[int] = None,
         checkpoint_path: Union[str, Path, None] = None,
         log_dir: Union[str, Path, None] = None,
+        process_group=None,
     ):
         super().__init__(
             bg,
@@ -235,7 +248,9 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         self._samplers: dict[str, tuple[int, Any]] = {}  # slot -> (id(data), sampler)
         self._pending_sampler_state: dict[str, dict] = {}
         self._pending_rng: Optional[dict] = None
-        self._writer = self._tensorboard(log_dir)
+        self.ranks = self._ranks = Ranks.resolve(process_group, self.bg)
+        self._synchronised = False  # parameters broadcast and rank streams set (distributed)
+        self._writer = self._tensorboard(log_dir) if self._ranks.is_main else None
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -311,6 +326,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         return self.iteration / self.iters_per_epoch if self.iters_per_epoch else 0.0
 
     def _resolve_iters_per_epoch(self, data, batchsize: int) -> int:
+        """Default: one pass over ``data`` by all ranks together."""
         if self.iters_per_epoch is None:
             try:
                 n = len(data)
@@ -319,7 +335,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                     "iters_per_epoch is needed: there is no training data of known length to define "
                     "an epoch; pass iters_per_epoch=<iterations> to ProgressiveKLTrainer"
                 ) from None
-            self.iters_per_epoch = max(1, n // batchsize)
+            self.iters_per_epoch = max(1, n // (batchsize * self._ranks.size))
         return self.iters_per_epoch
 
     # -- training ----------------------------------------------------------------------
@@ -373,6 +389,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             raise ValueError("likelihood training needs data; pass data= to train()")
         if w_custom is not None and self.custom_loss is None:
             raise ValueError("w_custom needs a custom_loss, given to the constructor")
+        self._synchronise()
         sampler = self._sampler(data, "data")
         test_sampler = self._sampler(testdata, "test")
         self._restore_rng()
@@ -398,12 +415,12 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                 self._lr_factor(it, ipe),
             )
             self.reporter.report(*[np.asarray(r) for r in reports])
-            if n_print > 0 and it % n_print == 0:
+            if n_print > 0 and it % n_print == 0 and self._ranks.is_main:
                 self.reporter.print(*reports)
             self.iteration += 1
             if self.iteration % ipe == 0:
                 record = self._end_epoch(ipe, epoch_schedulers)
-                if n_print > 0:
+                if n_print > 0 and self._ranks.is_main:
                     print(self.summary_line(record))
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(
@@ -412,14 +429,31 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                     )
         return self.history
 
+    def _synchronise(self) -> None:
+        """Under a process group, once: rank 0's parameters to every rank and, unless a
+        checkpoint brought them, a random stream per rank (torch, CUDA, NumPy, ``random``)
+        seeded from a number drawn on rank 0, so a run is reproducible."""
+        ranks = self._ranks
+        if not ranks.distributed or self._synchronised:
+            return
+        ranks.broadcast_module(self.bg)
+        if self._pending_rng is None:
+            base = ranks.broadcast(int(torch.randint(0, 2**62, ())) if ranks.is_main else None)
+            seed = rank_seed(base, ranks.rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        self._synchronised = True
+
     def _sampler(self, data, slot: str):
         """The sampler of ``data`` for ``slot`` ("data" or "test"), kept across ``train()``
-        calls with the same data so that passes over it continue."""
+        calls with the same data so that passes over it continue. Under a process group a
+        tensor is sharded: each rank draws from its own disjoint rows."""
         if data is None:
             return None
         key, sampler = self._samplers.get(slot, (None, None))
         if key != id(data):  # the cached sampler holds the data, so its id stays unique
-            sampler = _to_sampler(data)
+            sampler = _to_sampler(self._ranks.shard(data) if isinstance(data, torch.Tensor) else data)
             pending = self._pending_sampler_state.pop(slot, None)
             if pending is not None and hasattr(sampler, "load_state_dict"):
                 sampler.load_state_dict(pending)
@@ -445,74 +479,153 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                     group["lr"] /= lr_factor
 
     def _kl_term(self, batchsize: int, temperature: float, clip_forces: Optional[float], weight: float):
-        """The KL loss, whether it applies (a 0-dim bool tensor) and the log-dets.
+        """This rank's KL term as a sum: ``(sum of u(x) - log|det J| over the samples the
+        policy includes, how many it includes, how many the gate gated, the log-dets)``.
 
-        With ``clip_forces`` the force on every sample, ``-d energy / dx`` (after the
-        gate's soft cut), is clamped component-wise: the gradient arriving at ``x`` is
-        ``weight / n`` times that force, so the clamp divides the factor out first.
+        The mean is taken after the sums of all ranks are combined. With ``clip_forces`` the
+        force on every sample, ``-d energy / dx`` (after the gate's soft cut), is clamped
+        component-wise: the gradient of ``weight`` times the sum arriving at ``x`` is
+        ``weight`` times that force, so the clamp divides the weight out first.
         """
         z = as_tuple(self.bg.prior.sample(batchsize, temperature=temperature))
         *x, dlogp = self.bg.flow(*z, temperature=temperature)
-        scale_box: list = []
         if clip_forces is not None:
+            scale_box = [torch.tensor(float(weight), device=dlogp.device)]
             x = [clip_gradient(xi, clip_forces, scale_box) for xi in x]
         target = self.gate if self.gate is not None else self.bg._target
         energy = target.energy(*x, temperature=temperature)
         per_sample = (energy - dlogp).view(-1)
-        dlogp = dlogp.detach().view(-1)
         n = per_sample.new_tensor(float(len(per_sample)))
+        if self.gate is None:
+            return per_sample.sum(), n, torch.zeros_like(n), dlogp.detach().view(-1)
+        gated = self.gate.last_gated.view(-1)
+        n_gated = gated.sum().to(n.dtype)
+        if self.skip_policy == "drop":
+            keep = ~gated
+            return torch.where(keep, per_sample, 0.0).sum(), keep.sum().to(n.dtype), n_gated, dlogp.detach().view(-1)
+        return per_sample.sum(), n, n_gated, dlogp.detach().view(-1)
+
+    def _kl_decision(self, n_included: torch.Tensor, n_gated: torch.Tensor, n_total: int):
+        """Whether the (global) KL term applies under the skip policy, and the count its sum
+        is divided by; from the numbers of all ranks together, so every rank decides alike."""
         if self.gate is None or self.skip_policy == "clamp":
-            loss, applies = per_sample.mean(), torch.ones((), dtype=torch.bool, device=energy.device)
-        elif self.skip_policy == "drop":
-            keep = ~self.gate.last_gated.view(-1)
-            n = keep.sum().clamp(min=1).to(per_sample.dtype)
-            loss = torch.where(keep, per_sample, 0.0).sum() / n
-            applies = (keep.sum() >= self.min_keep_fraction * len(keep)) & keep.any()
-        else:  # "batch" and "step"
-            loss, applies = per_sample.mean(), ~self.gate.last_gated.any()
-        scale_box.append(weight / n)
-        return loss, applies, dlogp
+            return torch.ones((), dtype=torch.bool, device=n_included.device), float(n_total)
+        if self.skip_policy == "drop":
+            applies = (n_included >= self.min_keep_fraction * n_total) & (n_included > 0)
+            return applies, n_included.clamp(min=1)
+        return n_gated == 0, float(n_total)  # "batch" and "step"
 
     def _params(self) -> list:
         # the optimizer's parameters: cheaper to list than walking the module tree each step
         return [p for group in self.optim.param_groups for p in group["params"] if p.requires_grad]
 
-    def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
-              temperature, clip_forces, lr_factor) -> list:
-        """One iteration. The KL gradient is computed on its own and kept only when the term
-        applies and the gradient is finite, so NaN from a few bad samples (0 * NaN in the
-        flow's backward) never blocks the NLL step. Two values are read back to the host: that
-        decision, and the iteration's losses and gradient norm together."""
-        self.optim.zero_grad(set_to_none=True)
-        params = self._params()
-        device_values = []  # read back together at the end of the iteration
-        kl_used = False
+    def _local_gradients(self, params, sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
+                         temperature, clip_forces):
+        """This rank's part of an iteration, without any communication: the KL gradient (of
+        ``w_kl`` times the KL sum) kept apart, the NLL and custom gradient in ``p.grad``, and
+        the numbers to combine across ranks, ``[failed, KL sum, included, gated, log-det sum,
+        log-det square sum, NLL, custom]``."""
+        kl_grads: list = [None] * len(params)
+        zero = torch.zeros(())
+        kl_sum = n_incl = n_gated = ld_sum = ld_sq = nll = custom = None
         if self.train_energy:
-            kll, kl_applies, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
-            kl_ok = kl_applies
-            if w_kl > 0 and kll.requires_grad:
-                grads = torch.autograd.grad(w_kl * kll, params, allow_unused=True)
-                pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-                if pairs:
-                    norms = torch._foreach_norm([g for _, g in pairs])
-                    kl_ok = kl_applies & torch.stack(norms).isfinite().all()
-                if bool(kl_ok):  # the NLL backward below accumulates onto the kept KL gradient
-                    for p, g in pairs:
-                        p.grad = g
-                    kl_used = True
-            device_values += [kll.detach(), kl_applies, kl_ok, dlogp.mean(), dlogp.pow(2).mean()]
+            kl_sum, n_incl, n_gated, dlogp = self._kl_term(batchsize, temperature, clip_forces, w_kl)
+            if w_kl > 0 and kl_sum.requires_grad:
+                kl_grads = list(torch.autograd.grad(w_kl * kl_sum, params, allow_unused=True))
+            ld_sum, ld_sq = dlogp.sum(), dlogp.pow(2).sum()
         loss = None
         if self.train_likelihood:
             batch = as_tuple(sampler.sample(batchsize))
             nll = self.bg.energy(*batch, temperature=temperature).mean()
             if w_nll > 0:
                 loss = w_nll * nll
-            device_values.append(nll.detach())
         if w_custom is not None:
             custom = self.custom_loss(**custom_loss_kwargs)
             loss = w_custom * custom if loss is None else loss + w_custom * custom
         if loss is not None and loss.requires_grad:
             loss.backward()
+        values = [zero, kl_sum, n_incl, n_gated, ld_sum, ld_sq, nll, custom]
+        device = next((v.device for v in values if v is not None), zero.device)
+        scalars = torch.stack([(zero if v is None else v.detach()).to(device, params[0].dtype if params else torch.float64).reshape(())
+                               for v in values])
+        return kl_grads, [p.grad for p in params], scalars
+
+    def _combine(self, params, kl_grads, grads, scalars):
+        """Sum the local results of all ranks in one collective (nothing in a single process).
+
+        A gradient absent on every rank stays ``None``; the NLL and custom gradients and
+        losses become means over ranks, the KL sums stay sums.
+        """
+        ranks = self._ranks
+        if not ranks.distributed:
+            return kl_grads, grads, scalars
+        has = torch.tensor([g is not None for g in kl_grads] + [g is not None for g in grads], dtype=scalars.dtype,
+                           device=scalars.device)
+        dense = [torch.zeros_like(p) if g is None else g for p, g in zip(params + params, kl_grads + grads)]
+        out = ranks.all_reduce(dense + [scalars, has])
+        n = len(params)
+        kl_grads, grads, scalars, has = out[:n], out[n : 2 * n], out[2 * n], out[2 * n + 1].tolist()
+        kl_grads = [g if h > 0 else None for g, h in zip(kl_grads, has[:n])]
+        grads = [g / ranks.size if h > 0 else None for g, h in zip(grads, has[n:])]
+        scalars = scalars.clone()
+        scalars[6:] /= ranks.size  # NLL and custom: means over ranks
+        return kl_grads, grads, scalars
+
+    def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
+              temperature, clip_forces, lr_factor) -> list:
+        """One iteration. The KL gradient is computed on its own and kept only when the term
+        applies and the gradient is finite, so NaN from a few bad samples (0 * NaN in the
+        flow's backward) never blocks the NLL step.
+
+        Under a process group each rank computes its gradients locally (DDP wrappers under
+        ``no_sync``), then one collective sums them together with the counts that decide the
+        skip; every rank takes the same decision from the same numbers. A rank whose local
+        part raises takes part in the collective with a failure flag, and every rank raises,
+        so none waits forever. Two values are read back to the host: the decision and the
+        losses, then the gradient norm.
+        """
+        self.optim.zero_grad(set_to_none=True)
+        params = self._params()
+        ranks = self._ranks
+        failure = None
+        try:
+            with ranks.no_sync(self.bg):
+                local = self._local_gradients(params, sampler, batchsize, w_nll, w_kl, w_custom,
+                                              custom_loss_kwargs, temperature, clip_forces)
+        except Exception as exc:
+            if not ranks.distributed:
+                raise
+            failure = exc
+            self.optim.zero_grad(set_to_none=True)
+            dtype = params[0].dtype if params else torch.float64
+            local = ([None] * len(params), [None] * len(params), torch.tensor([1.0] + [0.0] * 7, dtype=dtype))
+        kl_grads, grads, scalars = self._combine(params, *local)
+        failed, kl_sum, n_incl, n_gated, ld_sum, ld_sq, nll, custom = scalars.unbind()
+
+        n_total = batchsize * ranks.size
+        kl_ok = torch.zeros((), dtype=torch.bool)
+        kll = applies = kl_sum
+        if self.train_energy:
+            applies, denominator = self._kl_decision(n_incl, n_gated, n_total)
+            kll, kl_ok = kl_sum / denominator, applies
+            present = [g for g in kl_grads if g is not None]
+            if present:
+                kl_grads = [None if g is None else g / denominator for g in kl_grads]
+                norms = torch._foreach_norm([g for g in kl_grads if g is not None])
+                kl_ok = applies & torch.stack(norms).isfinite().all()
+        values = torch.stack([failed, kll, applies.to(kll.dtype), kl_ok.to(kll.device, kll.dtype), ld_sum, ld_sq, nll, custom])
+        failed_v, kll_v, applies_v, ok_v, ld_sum_v, ld_sq_v, nll_v, custom_v = values.double().tolist()
+        if failed_v > 0:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(
+                f"iteration {self.iteration}: training failed on {int(failed_v)} other rank(s); their error is in their output"
+            )
+        kl_ok = self.train_energy and ok_v > 0.5
+        for p, g_kl, g in zip(params, kl_grads, grads):
+            if kl_ok and g_kl is not None:
+                g = g_kl if g is None else g + g_kl
+            p.grad = g
         with_grad = [p.grad for p in params if p.grad is not None]
         if not with_grad:
             norm = torch.zeros(())
@@ -520,23 +633,16 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)
         else:  # the total norm only tells whether every gradient is finite
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(with_grad)))
-        device_values.append(norm.detach())
-        device = device_values[0].device
-        values = torch.stack([v.to(device, torch.float64) for v in device_values]).tolist()
+        grads_finite = math.isfinite(norm.item())
 
         acc = self._acc
         acc.steps += 1
         reports = []
-        pos = 0
-        kl_ok = True
         if self.train_energy:
-            kll_v, applies_v, ok_v, ld_mean, ld_sq = values[0:5]
-            pos = 5
-            kl_ok = ok_v > 0.5
             acc.batches += 1
-            acc.logdet_sum += ld_mean * batchsize
-            acc.logdet_sq += ld_sq * batchsize
-            acc.logdet_n += batchsize
+            acc.logdet_sum += ld_sum_v
+            acc.logdet_sq += ld_sq_v
+            acc.logdet_n += n_total
             if kl_ok:
                 acc.kll_sum += kll_v
                 acc.kll_n += 1
@@ -544,12 +650,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                 acc.batches_skipped += 1
                 acc.kl_nonfinite += applies_v > 0.5  # the policy kept it, its gradient was not finite
             reports.append(kll_v if kl_ok else math.nan)  # a skipped term is absent, never 0
-        if self.train_likelihood:
-            nll_v = values[pos]
-            pos += 1
-        grads_finite = math.isfinite(values[-1])
-        nothing = loss is None and not kl_used
-        skip_step = (self.skip_policy == "step" and not kl_ok) or nothing
+        nothing = not with_grad
+        skip_step = (self.skip_policy == "step" and self.train_energy and not kl_ok) or nothing
         if not grads_finite:
             acc.nonfinite_steps += 1
         if skip_step or not grads_finite:
@@ -569,12 +671,14 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                     test_nll = self.bg.energy(*test_batch, temperature=temperature).mean().item()
             reports.append(test_nll)
         if "Custom" in getattr(self.reporter, "_labels", ()):  # the host's reporter has the label
-            reports.append(custom.item() if w_custom is not None else math.nan)
+            reports.append(custom_v if w_custom is not None else math.nan)
         return reports
 
     def _end_epoch(self, ipe: int, epoch_schedulers: Sequence) -> dict:
         acc = self._acc
         epoch = self.iteration // ipe - 1  # the epoch just finished
+        if self.gate is not None:
+            self.gate.all_reduce_statistics(self._ranks)  # the counters in acc are global already
         gate_stats = self.gate.statistics("epoch") if self.gate is not None else {}
         n = acc.logdet_n
         ld_mean = acc.logdet_sum / n if n else math.nan
@@ -606,7 +710,11 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         }
         self.history.append(record)
         stage = self.gate.schedule.stage_of(epoch) if self.gate is not None else "default"
-        for name, message in self.monitor.check(self.history, stage):
+        with warnings.catch_warnings():
+            if not self._ranks.is_main:  # every rank decides alike; rank 0 speaks
+                warnings.simplefilter("ignore", TrainingHealthWarning)
+            checks = self.monitor.check(self.history, stage)
+        for name, message in checks:
             record["alerts"].append(message)
             if name in self.STALL_CHECKS and self.on_stall == "relax" and self.gate is not None:
                 self.gate.relax(self.relax_factor)
@@ -654,20 +762,17 @@ class ProgressiveKLTrainer(bg.KLTrainer):
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly: model (gate included),
-        optimizer, counters, history, monitor, LR warm-up, data order and RNG states."""
+        optimizer, counters, history, monitor, LR warm-up, and per rank the data order, the
+        random states and the gate's running epoch statistics.
+
+        Under a process group this gathers every rank's part, so every rank must call it.
+        The model's state has no DDP ``module.`` level, so it loads with or without DDP.
+        """
         samplers = dict(self._pending_sampler_state)
         for slot, (_, sampler) in self._samplers.items():
             if hasattr(sampler, "state_dict"):
                 samplers[slot] = sampler.state_dict()
-        return {
-            "bg": self.bg.state_dict(),
-            "optim": self.optim.state_dict(),
-            "iteration": self.iteration,
-            "iters_per_epoch": self.iters_per_epoch,
-            "history": [dict(r) for r in self.history],
-            "monitor": self.monitor.state_dict(),
-            "epoch_counters": {k: v for k, v in vars(self._acc).items() if k != "start"},
-            "reporter": [list(r) for r in getattr(self.reporter, "_raw", [])],
+        own = {
             "samplers": samplers,
             "rng": self._pending_rng or {
                 "torch": torch.get_rng_state(),
@@ -675,11 +780,31 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
             },
+            "gate_epoch": None if self.gate is None else self.gate.epoch_statistics.state_dict(),
+        }
+        return {
+            "bg": plain_state_dict(self.bg),
+            "optim": self.optim.state_dict(),
+            "iteration": self.iteration,
+            "iters_per_epoch": self.iters_per_epoch,
+            "history": [dict(r) for r in self.history],
+            "monitor": self.monitor.state_dict(),
+            "epoch_counters": {k: v for k, v in vars(self._acc).items() if k != "start"},
+            "reporter": [list(r) for r in getattr(self.reporter, "_raw", [])],
+            "ranks": self._ranks.gather(own),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`."""
-        self.bg.load_state_dict(state["bg"])
+        """Restore from :meth:`state_dict`; a state of ``N`` ranks needs ``N`` ranks."""
+        ranks = state["ranks"]
+        if len(ranks) != self._ranks.size:
+            raise ValueError(
+                f"the checkpoint was written by {len(ranks)} process(es) and this run has {self._ranks.size}; "
+                f"resume it with the same number (torchrun --nproc_per_node={len(ranks)}), or load only its "
+                f"weights: bg.load_state_dict(torch.load(path)['bg'])"
+            )
+        own = ranks[self._ranks.rank]
+        self.bg.load_state_dict(wrapped_state_dict(self.bg, state["bg"]))
         self.optim.load_state_dict(state["optim"])
         self.iteration = int(state["iteration"])
         self.iters_per_epoch = state["iters_per_epoch"]
@@ -688,13 +813,17 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if hasattr(self.reporter, "_raw"):
             self.reporter._raw = [list(r) for r in state["reporter"]]
         self._samplers = {}
-        self._pending_sampler_state = dict(state["samplers"])
+        self._pending_sampler_state = dict(own["samplers"])
+        if self.gate is not None and own["gate_epoch"] is not None:
+            stats = EnergyStatistics()
+            stats.load_state_dict(own["gate_epoch"])
+            self.gate.epoch_statistics = stats
         self._acc = _EpochAccumulator()  # a checkpoint may be taken mid-epoch
         for key, value in state["epoch_counters"].items():
             setattr(self._acc, key, value)
         # restored when training continues, after the data sampler is rebuilt (building it
         # draws a shuffle order from the random number generators)
-        self._pending_rng = state["rng"]
+        self._pending_rng = own["rng"]
 
     def _restore_rng(self) -> None:
         rng, self._pending_rng = self._pending_rng, None
@@ -708,21 +837,30 @@ class ProgressiveKLTrainer(bg.KLTrainer):
 
     def save_checkpoint(self, path: Union[str, Path]) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically (a temporary file, then a rename),
-        so a run killed mid-write leaves the previous checkpoint intact."""
+        so a run killed mid-write leaves the previous checkpoint intact.
+
+        Under a process group every rank must call it: the ranks' parts are gathered, rank 0
+        writes, and all return once the file is in place.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.state_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = self.state_dict()
+
+        def write():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    torch.save(state, fh)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+        self._ranks.on_main(write)
         return path
 
     def resume(self, path: Union[str, Path]) -> None:
-        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
+        """Continue from a checkpoint written by :meth:`save_checkpoint` (every rank reads it)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
