@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import DEFAULT_CONFIG, ConfigError, data_settings, experiment_schedule, load_experiments
+from .distributed import RankFailure
 from .schedules import SCHEDULE_TYPES, schedule_from_dict
 from .units import kt_in_kjmol
 
@@ -139,16 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> str:
+def _cmd_train(args: argparse.Namespace) -> Optional[str]:
     from .config import run_settings
+    from .distributed import Ranks, init_from_env
     from .pipeline import train_experiment
     from .report import format_summary
 
     settings = run_settings(load_experiments(args.config), args.experiment, source=args.config, device=args.device)
     out = args.out or f"runs/{args.experiment}"
-    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-    summary = train_experiment(settings, out, data_dir=args.data_dir, resume=args.resume,
-                               progress=not args.quiet, log=log)
+    group = init_from_env(settings["device"])  # under torchrun: NCCL on GPUs, gloo on the CPU
+    try:
+        ranks = Ranks.default()
+        quiet = args.quiet or not ranks.is_main
+        log = (lambda line: None) if quiet else (lambda line: print(line, flush=True))
+        summary = train_experiment(settings, out, data_dir=args.data_dir, resume=args.resume,
+                                   progress=not quiet, log=log, ranks=ranks)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if summary is None:  # not rank 0
+        return None
     return f"run directory: {out}\n" + format_summary(summary)
 
 
@@ -217,9 +230,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        print(args.func(args))
+        output = args.func(args)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"bgflow-gate {args.command}: error: {err}\n")
+    except RankFailure as err:  # another rank failed and printed its error
+        parser.exit(1, f"bgflow-gate {args.command}: stopped: {err}\n")
+    if output is not None:
+        print(output)
     return 0
 
 

@@ -26,13 +26,18 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Ranks", "ddp_modules", "plain_state_dict", "wrapped_state_dict", "init_from_env", "rank_seed"]
+__all__ = ["Ranks", "RankFailure", "ddp_modules", "plain_state_dict", "wrapped_state_dict", "init_from_env", "rank_seed"]
 
 
 def _dist():
     import torch.distributed as dist
 
     return dist
+
+
+class RankFailure(RuntimeError):
+    """Raised on the ranks that did nothing wrong when another rank failed (its own error
+    is raised there), so that every rank stops instead of waiting for the failed one."""
 
 
 def ddp_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -110,10 +115,13 @@ class Ranks:
         wrappers = ddp_modules(module)
         if wrappers:
             return cls(wrappers[0][1].process_group)
+        return cls.default()
+
+    @classmethod
+    def default(cls) -> "Ranks":
+        """The default process group when ``torch.distributed`` is initialised, else a single process."""
         dist = _dist()
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.group.WORLD)
-        return cls(None)
+        return cls(dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
 
     @property
     def distributed(self) -> bool:
@@ -194,7 +202,7 @@ class Ranks:
         if error is not None:
             raise error
         if message is not None:
-            raise RuntimeError(f"rank 0 failed: {message}")
+            raise RankFailure(f"rank 0 failed: {message}")
         return result
 
     # -- DDP ------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ Run directory
 ``history_<stage>.csv``  the epoch history of each training stage;
 ``evaluation.npz`` the evaluated samples (for ``bgflow-gate report``);
 ``summary.json``, ``plots/``.
+
+Under ``torchrun`` (a process group of N ranks) every rank trains its own batch of each step
+with the flow wrapped in ``DistributedDataParallel`` (see :mod:`bgflow_gate.distributed`);
+rank 0 generates the data first, writes every file and evaluates; the others read the data
+cache, the models and checkpoints from the same run directory (a shared file system).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 from . import __version__, bg
+from .distributed import Ranks
 from .trainer import ProgressiveKLTrainer
 from .units import kt_in_kjmol
 
@@ -135,15 +141,22 @@ def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool) -> None:
 class _RunContext:
     """The data, the system and the target shared by all stages of one run."""
 
-    def __init__(self, settings: dict[str, Any], data_dir: Union[str, Path], log: Callable[[str], None], progress: bool):
+    def __init__(self, settings: dict[str, Any], data_dir: Union[str, Path], log: Callable[[str], None], progress: bool,
+                 ranks: Ranks):
         from .systems.alanine import alanine_dipeptide
         from .systems.data import generate_dataset
 
         self.settings = settings
-        self.device = torch.device(settings["device"])
+        self.ranks = ranks
+        device = torch.device(settings["device"])
+        if device.type == "cuda" and ranks.distributed:  # each rank on its own GPU (LOCAL_RANK)
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.dtype = getattr(torch, settings["model"]["dtype"])
         start = time.perf_counter()
-        self.dataset = generate_dataset(settings["data"], data_dir, progress=progress)
+        self.dataset = ranks.on_main(lambda: generate_dataset(settings["data"], data_dir, progress=progress))
+        if self.dataset is None:  # the other ranks read rank 0's cache
+            self.dataset = generate_dataset(settings["data"], data_dir, progress=False)
         self.data_seconds = time.perf_counter() - start
         train, test = self.dataset.split(settings["training"]["test_fraction"])
         self.train = torch.as_tensor(train, dtype=self.dtype, device=self.device)
@@ -155,23 +168,37 @@ class _RunContext:
             self.temperature, platform_name=energy["platform"], n_workers=energy["n_workers"]
         )
         t = settings["training"]
-        self.iters_per_epoch = t["iters_per_epoch"] or max(1, len(self.train) // t["batch_size"])
+        # default: one pass over the training data by all ranks together
+        self.iters_per_epoch = t["iters_per_epoch"] or max(1, len(self.train) // (t["batch_size"] * ranks.size))
         log(
             f"data: {self.dataset.path} ({'cache' if self.dataset.from_cache else 'generated'}), "
             f"{len(self.train)} training / {len(self.test)} test frames; "
             f"{self.iters_per_epoch} iterations per epoch, device {self.device}"
+            + (f", {ranks.size} ranks ({ranks.backend}), batch {t['batch_size']} per rank" if ranks.distributed else "")
         )
 
-    def generator(self):
-        """A fresh generator (same architecture and coordinate transform every time)."""
+    def generator(self, weights: Optional[Path] = None, parallel: bool = True):
+        """A fresh generator (same architecture and coordinate transform every time), with
+        the flow's ``weights`` when given, and its bare flow. Under a process group and with
+        ``parallel`` the generator's flow is wrapped in ``DistributedDataParallel``."""
         from .systems.generators import spline_generator
 
         m = self.settings["model"]
         gen = spline_generator(
             self.system, self.train.cpu(), self.target, n_torsion_layers=m["n_torsion_layers"],
             n_rest_layers=m["n_rest_layers"], hidden=m["hidden"], n_bins=m["n_bins"],
-        )
-        return gen.to(self.device)
+        ).to(self.device)
+        flow = gen.flow
+        if weights is not None:
+            flow.load_state_dict(torch.load(weights, map_location=self.device))
+        if parallel and self.ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            gen = bg.BoltzmannGenerator(
+                gen.prior, DistributedDataParallel(flow, device_ids=ids, process_group=self.ranks.group), gen._target
+            )
+        return gen, flow
 
     def close(self) -> None:
         self.target.close()
@@ -204,9 +231,7 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
     settings, t = ctx.settings, ctx.settings["training"]
     n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
     torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
-    gen = ctx.generator()
-    if stage != "nll":
-        gen.flow.load_state_dict(torch.load(run.model("nll"), map_location=ctx.device))
+    gen, flow = ctx.generator(None if stage == "nll" else run.model("nll"))
     optim = torch.optim.Adam(gen.parameters(), lr=t["lr"] if stage == "nll" else t["mixed_lr"])
     common = dict(
         iters_per_epoch=ctx.iters_per_epoch, checkpoint_every=1, checkpoint_path=run.checkpoint(stage),
@@ -226,7 +251,7 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
             **(gate if settings["use_energy_gating"] else {}), **common,
         )
         weights = dict(w_likelihood=t["w_likelihood"], w_energy=t["w_energy"], clip_forces=t["clip_forces"])
-    if run.checkpoint(stage).is_file():
+    if ctx.ranks.broadcast(run.checkpoint(stage).is_file() if ctx.ranks.is_main else None):
         trainer.resume(run.checkpoint(stage))
         log(f"[{stage}] resumed from {run.checkpoint(stage)} at epoch {len(trainer.history)}")
     remaining = n_epochs - len(trainer.history)
@@ -235,9 +260,12 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
             n_epochs=remaining, data=ctx.train, batchsize=t["batch_size"],
             progress_bar=_epoch_progress(trainer, stage, n_epochs, log), **weights,
         )
-    trainer.write_history(run.history(stage))
-    run.model(stage).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(gen.flow.state_dict(), run.model(stage))
+    def write():
+        trainer.write_history(run.history(stage))
+        run.model(stage).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(flow.state_dict(), run.model(stage))
+
+    ctx.ranks.on_main(write)
     history = trainer.history
     info = {
         "epochs": len(history),
@@ -261,8 +289,7 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
 
 def _sample(ctx: _RunContext, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
     """Samples of a stage's model: coordinates, energies (kJ/mol) and log weights."""
-    gen = ctx.generator()
-    gen.flow.load_state_dict(torch.load(run.model(stage), map_location=ctx.device))
+    gen, _ = ctx.generator(run.model(stage), parallel=False)
     kt = kt_in_kjmol(ctx.temperature)
     xs, energies, logw = [], [], []
     torch.manual_seed(ctx.settings["training"]["seed"] + 2)
@@ -349,8 +376,12 @@ def train_experiment(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+    ranks: Optional[Ranks] = None,
+) -> Optional[dict[str, Any]]:
     """Run (or, with ``resume``, continue) an experiment; returns the summary.
+
+    Under a process group every rank calls it; rank 0 returns the summary, the others
+    return ``None`` once the training stages are done (rank 0 evaluates alone).
 
     Parameters
     ----------
@@ -366,22 +397,30 @@ def train_experiment(
         Show the replica exchange's progress line.
     log : callable
         Receives one line per epoch and per stage.
+    ranks : Ranks, optional
+        The process group (default: the initialised default group, else one process).
     """
     from .report import draw_plots
 
+    ranks = ranks if ranks is not None else Ranks.default()
     run = RunDirectory(out_dir)
-    _prepare(run, settings, resume)
-    ctx = _RunContext(settings, data_dir, log, progress)
+    ranks.on_main(lambda: _prepare(run, settings, resume))
+    ctx = _RunContext(settings, data_dir, log, progress, ranks)
     try:
-        done = run.read_progress()
+        # rank 0's view of the run decides for every rank (rank 0 writes progress.json)
+        done = ranks.broadcast(run.read_progress() if ranks.is_main else None)
         if "data" not in done:
-            run.mark_done("data", seconds=ctx.data_seconds, cached=ctx.dataset.from_cache, path=str(ctx.dataset.path))
+            ranks.on_main(lambda: run.mark_done(
+                "data", seconds=ctx.data_seconds, cached=ctx.dataset.from_cache, path=str(ctx.dataset.path)
+            ))
         for stage in TRAINING_STAGES:
-            if stage in run.read_progress():
+            if stage in done:
                 log(f"[{stage}] finished earlier, skipped")
                 continue
             info = _train_stage(stage, ctx, run, log)
-            run.mark_done(stage, **info)
+            ranks.on_main(lambda: run.mark_done(stage, **info))
+        if not ranks.is_main:
+            return None
         start = time.perf_counter()
         metrics = _evaluate(ctx, run, log)
         run.mark_done("evaluation", seconds=time.perf_counter() - start)

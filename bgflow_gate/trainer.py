@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import bg
-from .distributed import Ranks, plain_state_dict, rank_seed, wrapped_state_dict
+from .distributed import RankFailure, Ranks, plain_state_dict, rank_seed, wrapped_state_dict
 from .gate import ScheduledEnergyGate
 from .host.distributions import DataSetSampler, as_tuple
 from .schedules import Schedule
@@ -618,7 +618,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if failed_v > 0:
             if failure is not None:
                 raise failure
-            raise RuntimeError(
+            raise RankFailure(
                 f"iteration {self.iteration}: training failed on {int(failed_v)} other rank(s); their error is in their output"
             )
         kl_ok = self.train_energy and ok_v > 0.5

@@ -73,7 +73,7 @@ def test_a_dead_engine_on_one_rank_stops_every_rank_instead_of_hanging(tmp_path)
     codes, (r0, r1) = run(tmp_path, workers.failing_rank, True)
     assert codes == [0, 0]  # both came back from train() with an error, within the time limit
     assert r1["error"] == "RuntimeError: engine failure on rank 1"
-    assert r0["error"].startswith("RuntimeError: iteration 2: training failed on 1 other rank(s)")
+    assert r0["error"].startswith("RankFailure: iteration 2: training failed on 1 other rank(s)")
     assert len(r0["history"]) == len(r1["history"]) == 0
 
 

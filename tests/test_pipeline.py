@@ -175,3 +175,28 @@ def test_a_gpu_experiment_without_cuda_is_an_error_unless_device_cpu(config, tmp
         main(["train", "--experiment", "tiny", "--config", str(path), "--out", str(tmp_path / "r")])
     assert "pass --device cpu" in capsys.readouterr().err
     assert run_settings(load_experiments(path), "tiny", device="cpu")["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_gloo_ranks_trains_the_global_batch(config, data_dir, finished, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "two_ranks"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "bgflow_gate.cli", "train", "--experiment", "tiny", "--config", str(config),
+        "--data-dir", str(data_dir), "--out", str(out), "--quiet",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # rank 0 alone reports
+    mixed = read_history(out / "history_mixed.csv")
+    assert list(mixed["batches"]) == [2, 2, 2]  # global batches: one per iteration
+    assert list(mixed["samples"]) == [64, 64, 64]  # 2 iterations x 16 samples x 2 ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"md", *TRAINING_STAGES}
+    state = torch.load(out / "checkpoints" / "mixed.pt", weights_only=False)
+    assert len(state["ranks"]) == 2 and not any(k.startswith("_flow.module.") for k in state["bg"])
+    single = torch.load(finished[0] / "models" / "nll.pt")
+    assert single.keys() == torch.load(out / "models" / "nll.pt").keys()  # the same model files

@@ -1,0 +1,129 @@
+"""Throughput of data-parallel ProgressiveKLTrainer with 1, 2, ... processes.
+
+Every process trains the alanine dipeptide spline generator of an experiment (default
+``smoke``: its data, model and gate), mixed NLL + KL with the gated OpenMM energy (one
+context per process), ``--batch`` samples per process and iteration, the flow wrapped in
+``DistributedDataParallel`` (gloo on the CPU, NCCL with ``--device cuda``, one GPU per
+process). After ``--warmup`` iterations the script times ``--iters`` iterations and prints,
+per number of processes: seconds per iteration, generated samples per second over all
+processes, the speed-up over one process and the parallel efficiency.
+
+The CPU cores are shared: each of N processes gets ``cores // N`` torch threads (at least 1),
+so one process uses every core as well.
+
+Usage::
+
+    python benchmarks/bench_distributed.py                   # 1 and 2 processes
+    python benchmarks/bench_distributed.py --procs 1 2 4 8 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+
+def worker(rank, world, store, args, queue):
+    import torch
+    import torch.distributed as dist
+
+    from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning, bg
+    from bgflow_gate.config import load_experiments, run_settings
+    from bgflow_gate.systems.alanine import alanine_dipeptide
+    from bgflow_gate.systems.data import generate_dataset
+    from bgflow_gate.systems.generators import spline_generator
+
+    warnings.simplefilter("ignore", TrainingHealthWarning)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        settings = run_settings(load_experiments(args.config), args.experiment, device="cpu")
+        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        dataset = generate_dataset(settings["data"], args.data_dir, progress=False)
+        train, _ = dataset.split(settings["training"]["test_fraction"])
+        data = torch.as_tensor(train, dtype=getattr(torch, settings["model"]["dtype"]), device=device)
+        system = alanine_dipeptide(settings["data"].solvent)
+        target = system.energy(settings["data"].t_min, platform_name=settings["energy"]["platform"], n_workers=1)
+        m, t, g = settings["model"], settings["training"], settings["gate"]
+        torch.manual_seed(0)
+        gen = spline_generator(system, data.cpu(), target, n_torsion_layers=m["n_torsion_layers"],
+                               n_rest_layers=m["n_rest_layers"], hidden=m["hidden"], n_bins=m["n_bins"]).to(device)
+        flow = torch.nn.parallel.DistributedDataParallel(gen.flow, device_ids=[rank] if cuda else None)
+        gen = bg.BoltzmannGenerator(gen.prior, flow, gen._target)
+        trainer = ProgressiveKLTrainer(
+            gen, torch.optim.Adam(gen.parameters(), lr=1e-4), schedule=g["schedule"], e_cut=g["e_cut"],
+            iters_per_epoch=20, skip_policy=t["skip_policy"],
+        )
+        kwargs = dict(data=data, batchsize=args.batch, w_likelihood=0.9, w_energy=0.1)
+        trainer.train(args.warmup, **kwargs)
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train(args.iters, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        target.close()
+        if rank == 0:
+            queue.put((seconds, torch.get_num_threads()))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(world: int, args) -> tuple[float, int]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    store = Path(tempfile.gettempdir()) / f"bench-distributed-{uuid.uuid4().hex}"
+    procs = [ctx.Process(target=worker, args=(r, world, store, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    store.unlink(missing_ok=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="numbers of processes to time")
+    parser.add_argument("--experiment", default="smoke")
+    parser.add_argument("--config", default="configs/experiments.yaml")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--batch", type=int, default=128, help="samples per process and iteration")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+
+    from bgflow_gate.config import load_experiments, run_settings
+    from bgflow_gate.systems.data import generate_dataset
+
+    # the data once, before the processes start (they read the cache)
+    generate_dataset(run_settings(load_experiments(args.config), args.experiment, device="cpu")["data"],
+                     args.data_dir, progress=False)
+    print(f"experiment {args.experiment}, batch {args.batch} per process, {args.iters} timed iterations, "
+          f"{os.cpu_count()} CPU cores, backend {'nccl' if args.device == 'cuda' else 'gloo'}")
+    print(f"{'processes':>9} {'threads':>7} {'s/iteration':>12} {'samples/s':>10} {'speed-up':>9} {'efficiency':>10}")
+    reference = None  # (processes, samples/s) of the first row
+    for n in args.procs:
+        seconds, threads = measure(n, args)
+        rate = n * args.batch * args.iters / seconds
+        reference = reference or (n, rate)
+        speedup = rate / reference[1]
+        print(f"{n:>9} {threads:>7} {seconds / args.iters:>12.4f} {rate:>10.1f} {speedup:>9.2f} "
+              f"{speedup * reference[0] / n:>10.0%}", flush=True)
+
+if __name__ == "__main__":
+    main()
