@@ -10,7 +10,9 @@ A drop-in subclass of bgflow's ``KLTrainer`` (real or the host's): same construc
 * NaN / inf gradient checks, force clipping (``clip_forces``), gradient-norm clipping;
 * an epoch history, a health monitor and an automatic remedy for stalls;
 * LR warm-up and epoch schedulers;
-* checkpoints that resume a run exactly.
+* checkpoints that resume a run exactly;
+* data-parallel training under ``torchrun`` / DDP with every skip decision agreed across
+  ranks (:mod:`bgflow_gate.distributed`).
 """
 
 from __future__ import annotations

@@ -154,3 +154,18 @@ def checkpointed(rank, world, out, kill_at=None, resume=False):
         trainer.resume(out / "ckpt.pt")
     trainer.train(n_epochs=6 - len(trainer.history), data=data, batchsize=128, w_likelihood=0.5, w_energy=0.5)
     torch.save(_result(gen, trainer), out / f"rank{rank}.pt")
+
+
+def rank0_fails(rank, world, out):
+    """``Ranks.on_main`` with a function that raises on rank 0."""
+    from bgflow_gate.distributed import Ranks
+
+    def fail():
+        raise ValueError("the run directory is occupied")
+
+    try:
+        Ranks.default().on_main(fail)
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    torch.save({"error": error}, out / f"rank{rank}.pt")

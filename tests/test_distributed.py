@@ -77,6 +77,13 @@ def test_a_dead_engine_on_one_rank_stops_every_rank_instead_of_hanging(tmp_path)
     assert len(r0["history"]) == len(r1["history"]) == 0
 
 
+def test_an_error_in_work_done_by_rank_0_alone_reaches_every_rank(tmp_path):
+    codes, (r0, r1) = run(tmp_path, workers.rank0_fails)
+    assert codes == [0, 0]
+    assert r0["error"] == "ValueError: the run directory is occupied"
+    assert r1["error"] == "RankFailure: rank 0 failed: ValueError: the run directory is occupied"
+
+
 def test_a_run_killed_under_two_ranks_resumes_to_the_same_result(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
