@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bgflow_gate.distributed import Ranks, rank_seed
+from bgflow_gate.distributed import Ranks, init_from_env, rank_seed
 from bgflow_gate.stats import BINS_PER_DECADE
 
 import distributed_workers as workers
@@ -123,3 +123,19 @@ def test_rank_seeds_differ_per_rank_and_repeat():
     seeds = [rank_seed(123, r) for r in range(4)]
     assert len(set(seeds)) == 4 and seeds == [rank_seed(123, r) for r in range(4)]
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_outside_torchrun_no_process_group_is_started(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env("cpu") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env("cuda") is None
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_more_gpu_processes_than_gpus_is_an_error_that_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 0 has no GPU: this machine has 0.*--device cpu"):
+        init_from_env("cuda")
