@@ -260,6 +260,7 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
             n_epochs=remaining, data=ctx.train, batchsize=t["batch_size"],
             progress_bar=_epoch_progress(trainer, stage, n_epochs, log), **weights,
         )
+
     def write():
         trainer.write_history(run.history(stage))
         run.model(stage).parent.mkdir(parents=True, exist_ok=True)
