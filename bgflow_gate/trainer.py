@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import bg
-from .distributed import RankFailure, Ranks, plain_state_dict, rank_seed, wrapped_state_dict
+from .distributed import RankFailure, Ranks, ddp_modules, plain_state_dict, rank_seed, wrapped_state_dict
 from .gate import ScheduledEnergyGate
 from .host.distributions import DataSetSampler, as_tuple
 from .schedules import Schedule
@@ -439,6 +439,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if not ranks.distributed or self._synchronised:
             return
         ranks.broadcast_module(self.bg)
+        for _, wrapper in ddp_modules(self.bg):
+            # buffers are equal now; DDP's own buffer broadcast in its first forward would be a
+            # collective outside the trainer's, out of step if a rank failed before that forward
+            wrapper.require_forward_param_sync = False
         if self._pending_rng is None:
             base = ranks.broadcast(int(torch.randint(0, 2**62, ())) if ranks.is_main else None)
             seed = rank_seed(base, ranks.rank)
