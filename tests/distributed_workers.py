@@ -116,12 +116,12 @@ def _result(gen, trainer, **extra):
     }
 
 
-def forced_skips(rank, world, out, skip_policy, value):
-    """Rank 1 returns ``value`` for 200 of 256 samples of every third call; train 4 epochs
-    of mixed NLL + KL."""
+def forced_skips(rank, world, out, skip_policy, value, rows=200):
+    """Rank 1 returns ``value`` for ``rows`` of 256 samples of every third call; train 4
+    epochs of mixed NLL + KL."""
     gen, data, trainer = make_trainer(
         rank, skip_policy=skip_policy, iters_per_epoch=5,
-        target_kwargs=dict(poison_ranks=(1,), poison_every=3, poison_rows=200, value=value),
+        target_kwargs=dict(poison_ranks=(1,), poison_every=3, poison_rows=rows, value=value),
     )
     trainer.train(n_epochs=4, data=data, batchsize=256, w_likelihood=0.5, w_energy=0.5)
     torch.save(_result(gen, trainer, data_first=trainer._samplers["data"][1].data[0][:3],

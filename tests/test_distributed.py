@@ -41,6 +41,15 @@ def test_skips_forced_on_one_rank_are_taken_by_both_and_the_parameters_stay_iden
     assert not torch.equal(r0["data_first"], r1["data_first"])  # disjoint shards of the data
 
 
+def test_a_rank_whose_energies_are_all_nan_leaves_half_the_global_batch_to_train_on(tmp_path):
+    codes, (r0, r1) = run(tmp_path, workers.forced_skips, "drop", math.nan, 256)
+    assert codes == [0, 0]
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+    assert sum(r["nonfinite"] for r in r0["history"]) == 6 * 256  # every third of 20 batches, all NaN
+    assert sum(r["batches_skipped"] for r in r0["history"]) == 0  # 256 of 512 kept: min_keep_fraction 0.5
+
+
 def test_the_history_holds_the_statistics_of_both_ranks_together(tmp_path):
     _, (r0, r1) = run(tmp_path, workers.forced_skips, "drop", 1e13)
     per_epoch = 5  # KL batches per epoch, one target call each
