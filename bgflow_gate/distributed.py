@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Ranks", "RankFailure", "ddp_modules", "plain_state_dict", "wrapped_state_dict", "init_from_env", "rank_seed"]
+__all__ = [
+    "Ranks", "RankFailure", "ddp_modules", "plain_state_dict", "wrapped_state_dict", "init_from_env", "rank_seed",
+]
 
 
 def _dist():
@@ -96,7 +98,8 @@ class Ranks:
             self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
             self.backend = str(dist.get_backend(group))
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+            nccl = self.backend == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.device = torch.device(device)
 
     @classmethod

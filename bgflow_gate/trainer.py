@@ -88,6 +88,14 @@ def _to_sampler(data):
     return DataSetSampler(data) if isinstance(data, torch.Tensor) else data
 
 
+#: The numbers of an iteration combined across ranks with the gradients (in this order):
+#: a failure flag, the KL sum over the included samples, how many were included and gated,
+#: the sum and square sum of the log-dets, the NLL and the custom loss.
+_STEP_NUMBERS = ("failed", "kl_sum", "included", "gated", "logdet_sum", "logdet_sq", "nll", "custom")
+#: The numbers that are per-rank means (averaged across ranks), not sums.
+_MEANS = slice(_STEP_NUMBERS.index("nll"), None)
+
+
 class _EpochAccumulator:
     """Per-epoch counters of the training loop (host numbers, read back once per iteration)."""
 
@@ -529,8 +537,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                          temperature, clip_forces):
         """This rank's part of an iteration, without any communication: the KL gradient (of
         ``w_kl`` times the KL sum) kept apart, the NLL and custom gradient in ``p.grad``, and
-        the numbers to combine across ranks, ``[failed, KL sum, included, gated, log-det sum,
-        log-det square sum, NLL, custom]``."""
+        the numbers to combine across ranks (see :data:`_STEP_NUMBERS`)."""
         kl_grads: list = [None] * len(params)
         zero = torch.zeros(())
         kl_sum = n_incl = n_gated = ld_sum = ld_sq = nll = custom = None
@@ -552,8 +559,8 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             loss.backward()
         values = [zero, kl_sum, n_incl, n_gated, ld_sum, ld_sq, nll, custom]
         device = next((v.device for v in values if v is not None), zero.device)
-        scalars = torch.stack([(zero if v is None else v.detach()).to(device, params[0].dtype if params else torch.float64).reshape(())
-                               for v in values])
+        dtype = params[0].dtype if params else torch.float64
+        scalars = torch.stack([(zero if v is None else v.detach()).to(device, dtype).reshape(()) for v in values])
         return kl_grads, [p.grad for p in params], scalars
 
     def _combine(self, params, kl_grads, grads, scalars):
@@ -574,7 +581,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         kl_grads = [g if h > 0 else None for g, h in zip(kl_grads, has[:n])]
         grads = [g / ranks.size if h > 0 else None for g, h in zip(grads, has[n:])]
         scalars = scalars.clone()
-        scalars[6:] /= ranks.size  # NLL and custom: means over ranks
+        scalars[_MEANS] /= ranks.size
         return kl_grads, grads, scalars
 
     def _step(self, sampler, test_sampler, batchsize, w_nll, w_kl, w_custom, custom_loss_kwargs,
@@ -604,7 +611,9 @@ class ProgressiveKLTrainer(bg.KLTrainer):
             failure = exc
             self.optim.zero_grad(set_to_none=True)
             dtype = params[0].dtype if params else torch.float64
-            local = ([None] * len(params), [None] * len(params), torch.tensor([1.0] + [0.0] * 7, dtype=dtype))
+            flag = torch.zeros(len(_STEP_NUMBERS), dtype=dtype)
+            flag[_STEP_NUMBERS.index("failed")] = 1.0
+            local = ([None] * len(params), [None] * len(params), flag)
         kl_grads, grads, scalars = self._combine(params, *local)
         failed, kl_sum, n_incl, n_gated, ld_sum, ld_sq, nll, custom = scalars.unbind()
 
@@ -619,13 +628,16 @@ class ProgressiveKLTrainer(bg.KLTrainer):
                 kl_grads = [None if g is None else g / denominator for g in kl_grads]
                 norms = torch._foreach_norm([g for g in kl_grads if g is not None])
                 kl_ok = applies & torch.stack(norms).isfinite().all()
-        values = torch.stack([failed, kll, applies.to(kll.dtype), kl_ok.to(kll.device, kll.dtype), ld_sum, ld_sq, nll, custom])
+        values = torch.stack(
+            [failed, kll, applies.to(kll.dtype), kl_ok.to(kll.device, kll.dtype), ld_sum, ld_sq, nll, custom]
+        )
         failed_v, kll_v, applies_v, ok_v, ld_sum_v, ld_sq_v, nll_v, custom_v = values.double().tolist()
         if failed_v > 0:
             if failure is not None:
                 raise failure
             raise RankFailure(
-                f"iteration {self.iteration}: training failed on {int(failed_v)} other rank(s); their error is in their output"
+                f"iteration {self.iteration}: training failed on {int(failed_v)} other rank(s); "
+                f"their error is in their output"
             )
         kl_ok = self.train_energy and ok_v > 0.5
         for p, g_kl, g in zip(params, kl_grads, grads):
