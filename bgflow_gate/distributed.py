@@ -49,25 +49,30 @@ def ddp_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, DistributedDataParallel)]
 
 
+def _ddp_prefixes(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """For every DDP wrapper inside ``module``: the key prefix of its wrapped module's state
+    (``"flow.module."``) and the prefix the same keys have without the wrapper (``"flow."``)."""
+    return [(f"{name}.module." if name else "module.", f"{name}." if name else "") for name, _ in ddp_modules(module)]
+
+
+def _replace_prefix(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    return type(state)((new + k[len(old):] if k.startswith(old) else k, v) for k, v in state.items())
+
+
 def plain_state_dict(module: torch.nn.Module) -> dict[str, Any]:
     """``module.state_dict()`` with the ``.module`` level of every DDP wrapper removed, so
     that it loads into the same model with or without DDP and with any number of ranks."""
     state = module.state_dict()
-    for name, _ in ddp_modules(module):
-        prefix = f"{name}.module." if name else "module."
-        plain = f"{name}." if name else ""
-        state = type(state)((plain + k[len(prefix):] if k.startswith(prefix) else k, v) for k, v in state.items())
+    for wrapped, plain in _ddp_prefixes(module):
+        state = _replace_prefix(state, wrapped, plain)
     return state
 
 
 def wrapped_state_dict(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`plain_state_dict` for ``module`` (a state of either form)."""
-    for name, _ in ddp_modules(module):
-        prefix = f"{name}.module." if name else "module."
-        plain = f"{name}." if name else ""
-        if any(k.startswith(prefix) for k in state):
-            continue
-        state = type(state)((prefix + k[len(plain):] if k.startswith(plain) else k, v) for k, v in state.items())
+    for wrapped, plain in _ddp_prefixes(module):
+        if not any(k.startswith(wrapped) for k in state):
+            state = _replace_prefix(state, plain, wrapped)
     return state
 
 
@@ -212,10 +217,11 @@ class Ranks:
 
     @staticmethod
     @contextlib.contextmanager
-    def no_sync(module: torch.nn.Module) -> Iterator[None]:
-        """Local gradients only: ``no_sync()`` of every DDP wrapper inside ``module``."""
+    def no_sync(wrappers: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """Local gradients only: ``no_sync()`` of every DDP wrapper in ``wrappers`` (see
+        :func:`ddp_modules`)."""
         with contextlib.ExitStack() as stack:
-            for _, wrapper in ddp_modules(module):
+            for wrapper in wrappers:
                 stack.enter_context(wrapper.no_sync())
             yield
 

@@ -259,6 +259,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         self._pending_sampler_state: dict[str, dict] = {}
         self._pending_rng: Optional[dict] = None
         self.ranks = self._ranks = Ranks.resolve(process_group, self.bg)
+        self._ddp = [wrapper for _, wrapper in ddp_modules(self.bg)]  # found once: the step needs them
         self._synchronised = False  # parameters broadcast and rank streams set (distributed)
         self._writer = self._tensorboard(log_dir) if self._ranks.is_main else None
 
@@ -447,7 +448,7 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if not ranks.distributed or self._synchronised:
             return
         ranks.broadcast_module(self.bg)
-        for _, wrapper in ddp_modules(self.bg):
+        for wrapper in self._ddp:
             # buffers are equal now; DDP's own buffer broadcast in its first forward would be a
             # collective outside the trainer's, out of step if a rank failed before that forward
             wrapper.require_forward_param_sync = False
@@ -595,14 +596,15 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         skip; every rank takes the same decision from the same numbers. A rank whose local
         part raises takes part in the collective with a failure flag, and every rank raises,
         so none waits forever. Two values are read back to the host: the decision and the
-        losses, then the gradient norm.
+        losses, then the gradient norm (under a process group also, before them, which
+        gradients exist on any rank).
         """
         self.optim.zero_grad(set_to_none=True)
         params = self._params()
         ranks = self._ranks
         failure = None
         try:
-            with ranks.no_sync(self.bg):
+            with ranks.no_sync(self._ddp):
                 local = self._local_gradients(params, sampler, batchsize, w_nll, w_kl, w_custom,
                                               custom_loss_kwargs, temperature, clip_forces)
         except Exception as exc:
@@ -623,11 +625,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         if self.train_energy:
             applies, denominator = self._kl_decision(n_incl, n_gated, n_total)
             kll, kl_ok = kl_sum / denominator, applies
+            kl_grads = [None if g is None else g / denominator for g in kl_grads]
             present = [g for g in kl_grads if g is not None]
             if present:
-                kl_grads = [None if g is None else g / denominator for g in kl_grads]
-                norms = torch._foreach_norm([g for g in kl_grads if g is not None])
-                kl_ok = applies & torch.stack(norms).isfinite().all()
+                kl_ok = applies & torch.stack(torch._foreach_norm(present)).isfinite().all()
         values = torch.stack(
             [failed, kll, applies.to(kll.dtype), kl_ok.to(kll.device, kll.dtype), ld_sum, ld_sq, nll, custom]
         )
