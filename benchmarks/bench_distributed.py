@@ -1,8 +1,9 @@
 """Throughput of data-parallel ProgressiveKLTrainer with 1, 2, ... processes.
 
 Every process trains the alanine dipeptide spline generator of an experiment (default
-``smoke``: its data, model and gate), mixed NLL + KL with the gated OpenMM energy (one
-context per process), ``--batch`` samples per process and iteration, the flow wrapped in
+``smoke``: its data, model, gate and OpenMM energy settings, built as ``bgflow-gate train``
+builds them; ``smoke`` and ``aa_300_450_cpu`` have one OpenMM context per process), mixed
+NLL + KL, ``--batch`` samples per process and iteration, the flow wrapped in
 ``DistributedDataParallel`` (gloo on the CPU, NCCL with ``--device cuda``, one GPU per
 process). After ``--warmup`` iterations the script times ``--iters`` iterations and prints,
 per number of processes: seconds per iteration, generated samples per second over all
@@ -33,11 +34,10 @@ def worker(rank, world, store, args, queue):
     import torch
     import torch.distributed as dist
 
-    from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning, bg
+    from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning
     from bgflow_gate.config import load_experiments, run_settings
-    from bgflow_gate.systems.alanine import alanine_dipeptide
-    from bgflow_gate.systems.data import generate_dataset
-    from bgflow_gate.systems.generators import spline_generator
+    from bgflow_gate.distributed import Ranks
+    from bgflow_gate.pipeline import _RunContext
 
     warnings.simplefilter("ignore", TrainingHealthWarning)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -46,19 +46,13 @@ def worker(rank, world, store, args, queue):
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        settings = run_settings(load_experiments(args.config), args.experiment, device="cpu")
-        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        dataset = generate_dataset(settings["data"], args.data_dir, progress=False)
-        train, _ = dataset.split(settings["training"]["test_fraction"])
-        data = torch.as_tensor(train, dtype=getattr(torch, settings["model"]["dtype"]), device=device)
-        system = alanine_dipeptide(settings["data"].solvent)
-        target = system.energy(settings["data"].t_min, platform_name=settings["energy"]["platform"], n_workers=1)
-        m, t, g = settings["model"], settings["training"], settings["gate"]
+        settings = run_settings(load_experiments(args.config), args.experiment, device=args.device)
+        # the pipeline's data, energy and generator (its flow wrapped in DDP)
+        ctx = _RunContext(settings, args.data_dir, lambda line: None, False, Ranks.default())
+        t, g = settings["training"], settings["gate"]
         torch.manual_seed(0)
-        gen = spline_generator(system, data.cpu(), target, n_torsion_layers=m["n_torsion_layers"],
-                               n_rest_layers=m["n_rest_layers"], hidden=m["hidden"], n_bins=m["n_bins"]).to(device)
-        flow = torch.nn.parallel.DistributedDataParallel(gen.flow, device_ids=[rank] if cuda else None)
-        gen = bg.BoltzmannGenerator(gen.prior, flow, gen._target)
+        gen, _ = ctx.generator()
+        data = ctx.train
         trainer = ProgressiveKLTrainer(
             gen, torch.optim.Adam(gen.parameters(), lr=1e-4), schedule=g["schedule"], e_cut=g["e_cut"],
             iters_per_epoch=20, skip_policy=t["skip_policy"],
@@ -74,7 +68,7 @@ def worker(rank, world, store, args, queue):
             torch.cuda.synchronize()
         dist.barrier()
         seconds = time.perf_counter() - start
-        target.close()
+        ctx.close()
         if rank == 0:
             queue.put((seconds, torch.get_num_threads()))
     finally:
