@@ -157,8 +157,13 @@ def _cmd_train(args: argparse.Namespace) -> Optional[str]:
                                    progress=not quiet, log=log, ranks=ranks)
     finally:
         if group is not None:
+            import gc
+
             import torch.distributed as dist
 
+            # DDP wrappers sit in reference cycles that hold the group; left to the garbage
+            # collector at interpreter exit, the group's teardown can abort the process
+            gc.collect()
             dist.destroy_process_group()
     if summary is None:  # not rank 0
         return None

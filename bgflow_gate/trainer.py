@@ -635,7 +635,10 @@ class ProgressiveKLTrainer(bg.KLTrainer):
         failed_v, kll_v, applies_v, ok_v, ld_sum_v, ld_sq_v, nll_v, custom_v = values.double().tolist()
         if failed_v > 0:
             if failure is not None:
-                raise failure
+                try:
+                    raise failure
+                finally:  # the traceback holds this frame: do not let the frame hold the error
+                    failure = None
             raise RankFailure(
                 f"iteration {self.iteration}: training failed on {int(failed_v)} other rank(s); "
                 f"their error is in their output"

@@ -5,6 +5,8 @@ Each worker writes what the test checks to ``<out>/rank<r>.pt``.
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import multiprocessing
 import os
 import uuid
@@ -40,11 +42,13 @@ def spawn(fn, world: int, *args, timeout: float = 120.0) -> list[int]:
 
 
 def _entry(fn, rank, world, store, out, *args):
+    faulthandler.enable()  # a rank that crashes prints its Python stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, world, Path(out), *args)
     finally:
+        gc.collect()  # DDP wrappers sit in reference cycles that hold the group: free them first
         dist.destroy_process_group()
 
 
