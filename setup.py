@@ -13,6 +13,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["bgflow_gate", "bgflow_gate.*"]),
+    # the experiments file ships with the package: the installed command works from any directory
+    package_data={"bgflow_gate": ["experiments.yaml"]},
     install_requires=[
         "torch>=2.1,<3",
         "numpy>=1.24",

@@ -10,11 +10,11 @@ names the file, the experiment and the key, and an unknown key the closest valid
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping, Optional, Union
-
 import difflib
+import re
 from dataclasses import fields as dataclass_fields
+from pathlib import Path
+from typing import Any, Mapping
 
 import yaml
 
@@ -25,6 +25,7 @@ from .validation import check_fraction, check_number, check_open_fraction, check
 __all__ = [
     "ConfigError",
     "DEFAULT_CONFIG",
+    "PRESET_KIND",
     "GATE_DEFAULTS",
     "load_experiments",
     "gate_settings",
@@ -39,8 +40,13 @@ __all__ = [
     "EVALUATION_DEFAULTS",
 ]
 
-#: The experiments file the command line reads unless told otherwise.
-DEFAULT_CONFIG = Path("configs") / "experiments.yaml"
+#: The experiments file the command line reads unless told otherwise: shipped with the
+#: package, so the installed command finds it from any directory (``--config`` overrides).
+DEFAULT_CONFIG = Path(__file__).with_name("experiments.yaml")
+
+#: The ``kind`` of an entry that holds only a gate schedule (``default``, ``legacy_linear``,
+#: ``lenient``): ``bgflow-gate schedule`` shows it; ``train`` and ``data`` refuse it.
+PRESET_KIND = "schedule_preset"
 
 #: Defaults of the ``gate`` section (the schedule's own defaults fill its arguments).
 GATE_DEFAULTS: dict[str, Any] = {
@@ -81,7 +87,7 @@ def _section(experiments: Mapping[str, Mapping], name: str, key: str, accepted, 
     return section
 
 
-def load_experiments(path: Union[str, Path]) -> dict[str, dict]:
+def load_experiments(path: str | Path) -> dict[str, dict]:
     """Read an experiments file: a mapping of experiment names to mappings."""
     path = Path(path)
     if not path.is_file():
@@ -167,7 +173,7 @@ def _apply_shorthands(experiment: Mapping, gate: dict, name: str, where: str) ->
         holder[field] = float(value)
 
 
-def experiment_schedule(path: Union[str, Path], name: str) -> Schedule:
+def experiment_schedule(path: str | Path, name: str) -> Schedule:
     """The schedule of experiment ``name`` in the file at ``path``."""
     return gate_settings(load_experiments(path), name, source=str(path))["schedule"]
 
@@ -319,7 +325,7 @@ def _evaluation(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     return _checked(section, EVALUATION_DEFAULTS, checks, prefix, where)
 
 
-def resolve_device(requested: str, *, name: str, where: str = "", cuda_available: Optional[bool] = None) -> str:
+def resolve_device(requested: str, *, name: str, where: str = "", cuda_available: bool | None = None) -> str:
     """``"cpu"`` or ``"cuda"`` for an experiment's ``device``; an experiment that asks for CUDA
     on a machine without it is an error that says how to run it on the CPU instead."""
     import torch
@@ -336,8 +342,8 @@ def resolve_device(requested: str, *, name: str, where: str = "", cuda_available
 
 
 def run_settings(
-    experiments: Mapping[str, Mapping], name: str, *, source: str = "", device: Optional[str] = None,
-    cuda_available: Optional[bool] = None,
+    experiments: Mapping[str, Mapping], name: str, *, source: str = "", device: str | None = None,
+    cuda_available: bool | None = None,
 ) -> dict[str, Any]:
     """Every validated setting of experiment ``name`` for ``bgflow-gate train``.
 

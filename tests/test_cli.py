@@ -12,7 +12,7 @@ from bgflow_gate.cli import build_parser, main
 from bgflow_gate.units import kt_in_kjmol
 from formulas import three_stage_formula
 
-REPO_CONFIG = str(Path(__file__).parents[1] / "configs" / "experiments.yaml")
+REPO_CONFIG = str(Path(__file__).parents[1] / "bgflow_gate" / "experiments.yaml")
 
 
 def run(capsys, *argv):

@@ -15,7 +15,7 @@ from bgflow_gate.config import (
 )
 from bgflow_gate.schedules import ConstantSchedule, LinearSchedule, ThreeStageSchedule
 
-REPO_CONFIG = Path(__file__).parents[1] / "configs" / "experiments.yaml"
+REPO_CONFIG = Path(__file__).parents[1] / "bgflow_gate" / "experiments.yaml"
 REPO_EXPERIMENTS = {"default", "legacy_linear", "lenient", "smoke", "aa_300_450_cpu", "aa_300_450_gpu"}
 
 
@@ -35,8 +35,11 @@ def gate_of(tmp_path, gate_yaml, name="exp"):
 # -- the repository's experiments file ----------------------------------------------------------
 
 
-def test_default_config_path_is_configs_experiments_yaml():
-    assert DEFAULT_CONFIG == Path("configs") / "experiments.yaml"
+def test_the_default_experiments_file_ships_inside_the_package():
+    import bgflow_gate
+
+    assert DEFAULT_CONFIG == Path(bgflow_gate.__file__).parent / "experiments.yaml"
+    assert DEFAULT_CONFIG.is_file()
 
 
 def test_repo_config_defines_default_legacy_linear_and_lenient():

@@ -17,7 +17,7 @@ from bgflow_gate.config import (
     run_settings,
 )
 
-REPO_CONFIG = Path(__file__).parents[1] / "configs" / "experiments.yaml"
+REPO_CONFIG = Path(__file__).parents[1] / "bgflow_gate" / "experiments.yaml"
 
 
 def settings(tmp_path, body: str, **kwargs):

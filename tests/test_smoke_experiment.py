@@ -17,7 +17,7 @@ from bgflow_gate.config import load_experiments, run_settings  # noqa: E402
 from bgflow_gate.pipeline import TRAINING_STAGES  # noqa: E402
 from bgflow_gate.report import PLOT_FILES, read_history  # noqa: E402
 
-REPO_CONFIG = Path(__file__).parents[1] / "configs" / "experiments.yaml"
+REPO_CONFIG = Path(__file__).parents[1] / "bgflow_gate" / "experiments.yaml"
 
 
 @pytest.mark.slow
