@@ -220,14 +220,30 @@ def test_valid_z_matrices_pass_validation():
     assert validate_z_matrix(VALID_GLOBAL, 5).shape == (5, 4)
 
 
+def test_rows_may_come_in_any_order_that_can_be_placed_as_in_bgflow():
+    # row 1 refers to atom 4, which row 2 places: bgflow places the rows in stages
+    shuffled = [[3, 2, 1, 0], [5, 4, 3, 2], [4, 3, 2, 1]]
+    assert validate_z_matrix(shuffled, 6, [0, 1, 2]).tolist() == shuffled
+    reversed_global = VALID_GLOBAL[::-1]
+    assert validate_z_matrix(reversed_global, 5).tolist() == reversed_global
+
+
+def test_the_host_transforms_and_the_builder_share_one_validator():
+    from bgflow_gate.host import zmatrix
+
+    assert validate_z_matrix is zmatrix.validate_z_matrix
+
+
 @pytest.mark.parametrize(
     "z, fixed, message",
     [
         # an atom placed twice: by two rows, or by a row and fixed_atoms
         ([[3, 2, 1, 0], [4, 3, 2, 1], [3, 4, 2, 1]], [0, 1, 2], r"row 2 .*atom 3 is placed twice \(also by row 0\)"),
         ([[3, 2, 1, 0], [4, 3, 2, 1], [2, 4, 3, 1]], [0, 1, 2], r"row 2 .*placed twice \(also by fixed_atoms\)"),
-        # a reference used before it is placed
-        ([[3, 2, 1, 0], [5, 4, 3, 2], [4, 3, 2, 1]], [0, 1, 2], r"row 1 .*reference 4 is used before it is placed"),
+        # rows that can never be placed: they place each other in a cycle
+        ([[3, 2, 1, 0], [5, 4, 3, 2], [4, 5, 3, 2]], [0, 1, 2], r"never placed .*cycle.*: row 1 \[5, 4, 3, 2\], row 2"),
+        # fewer than 3 fixed atoms
+        ([[2, 1, 0, -1], [3, 2, 1, 0], [4, 3, 2, 1], [5, 4, 3, 2]], [0, 1], "fixed_atoms needs at least 3 atoms"),
         # references not distinct
         ([[3, 2, 1, 0], [4, 3, 2, 2], [5, 4, 3, 2]], [0, 1, 2], r"row 1 .*must be distinct"),
         ([[3, 2, 1, 0], [4, 4, 2, 1], [5, 4, 3, 2]], [0, 1, 2], r"row 1 .*must be distinct"),
@@ -241,7 +257,8 @@ def test_valid_z_matrices_pass_validation():
         # -1 where references are available, or not trailing
         ([[3, 2, 1, -1], [4, 3, 2, 1], [5, 4, 3, 2]], [0, 1, 2], r"row 0 .*has 2 reference\(s\) but 3 are required"),
         ([[0, -1, -1, -1], [1, 0, -1, -1], [2, -1, 0, -1], [3, 2, 1, 0], [4, 3, 2, 1]], None, r"row 2 .*trailing"),
-        ([[0, -1, -1, -1], [1, -1, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0], [4, 3, 2, 1]], None, r"row 1 .*has 0 reference\(s\) but 1"),
+        ([[0, -1, -1, -1], [1, -1, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0], [4, 3, 2, 1]], None, r"exactly one row with 3 missing reference\(s\) \(-1\); found 2: rows \[0, 1\]"),
+        ([[0, -1, -1, -1], [1, 2, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0], [4, 3, 2, 1]], None, r"row 1 .*bonded to the first atom 0"),
         # shape
         ([[3, 2, 1], [4, 3, 2]], [0, 1, 2], r"shape \[n_rows, 4\]"),
         # fixed atoms

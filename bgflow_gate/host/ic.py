@@ -53,6 +53,13 @@ import numpy as np
 import torch
 
 from .flows import Flow
+from .zmatrix import (
+    as_index_array,
+    as_z_matrix_array,
+    placement_stages,
+    split_global_z_matrix,
+    validate_z_matrix,
+)
 
 __all__ = [
     "GlobalInternalCoordinateTransformation",
@@ -265,146 +272,6 @@ def _canonical_axes(
 # --------------------------------------------------------------------------------------
 
 
-def _as_index_array(values: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    if arr.size == 0:
-        return np.zeros(arr.shape, dtype=np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integer atom indices, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def as_z_matrix_array(z_matrix: ArrayLike) -> np.ndarray:
-    """A z-matrix as an int64 array ``[n_rows, 4]`` (an empty one as ``[0, 4]``)."""
-    z = _as_index_array(z_matrix, "z_matrix")
-    if z.size == 0:
-        z = z.reshape(0, 4)
-    if z.ndim != 2 or z.shape[1] != 4:
-        raise ValueError(f"z_matrix must have shape [n_rows, 4], got {list(z.shape)}")
-    return z
-
-
-def placement_stages(z_matrix: np.ndarray, given: Sequence[int]) -> list[np.ndarray]:
-    """Group z-matrix rows into stages that can be placed in parallel.
-
-    A row joins the first stage at which all its references have been placed (either
-    ``given`` or placed by an earlier stage), so rows need not be ordered.
-
-    Parameters
-    ----------
-    z_matrix : np.ndarray
-        Rows ``[atom, bond_ref, angle_ref, torsion_ref]`` without ``-1`` entries.
-    given : sequence of int
-        Atoms placed before the first row (the fixed block or the first three atoms).
-
-    Returns
-    -------
-    list of np.ndarray
-        Row indices of each stage, in placement order.
-
-    Raises
-    ------
-    ValueError
-        If some rows can never be placed (a reference is never placed or the references
-        form a cycle).
-    """
-    z_matrix = np.asarray(z_matrix, dtype=np.int64).reshape(-1, 4)
-    placed = set(int(i) for i in given)
-    remaining = list(range(len(z_matrix)))
-    stages = []
-    while remaining:
-        ready = [r for r in remaining if all(int(ref) in placed for ref in z_matrix[r, 1:])]
-        if not ready:
-            bad = ", ".join(f"row {r} {z_matrix[r].tolist()}" for r in remaining)
-            raise ValueError(
-                "z-matrix rows whose references are never placed (unreachable from the "
-                f"fixed/initial atoms): {bad}"
-            )
-        stages.append(np.asarray(ready, dtype=np.int64))
-        placed.update(int(z_matrix[r, 0]) for r in ready)
-        ready_set = set(ready)
-        remaining = [r for r in remaining if r not in ready_set]
-    return stages
-
-
-def _check_rows(rows: np.ndarray, n_atoms: int, given: Sequence[int], what: str,
-                given_name: str = "a fixed atom") -> None:
-    """Range, distinctness and coverage checks of relative z-matrix rows (any row order)."""
-    seen: dict[int, str] = {int(i): "given" for i in given}
-    for r, row in enumerate(rows):
-        if np.any(row < 0) or np.any(row >= n_atoms):
-            raise ValueError(
-                f"{what} row {r} {row.tolist()}: atom indices must lie in [0, {n_atoms}) "
-                "(-1 is only allowed in the first three rows of a global z-matrix)"
-            )
-        if len(set(row.tolist())) != 4:
-            raise ValueError(
-                f"{what} row {r} {row.tolist()}: the atom and its three references must be distinct"
-            )
-        atom = int(row[0])
-        if atom in seen:
-            where = f"is {given_name}" if seen[atom] == "given" else f"is already placed by {seen[atom]}"
-            raise ValueError(f"{what} row {r} {row.tolist()}: atom {atom} {where}")
-        seen[atom] = f"row {r}"
-    missing = sorted(set(range(n_atoms)) - set(seen))
-    if missing:
-        raise ValueError(f"{what}: atoms {missing} are never placed (by neither fixed_atoms nor any row)")
-
-
-def _split_global_z_matrix(z_matrix: np.ndarray):
-    """Split a global z-matrix into its three initial rows and the relative rows."""
-    n_missing = np.sum(z_matrix == -1, axis=1)
-    bad = np.flatnonzero((n_missing > 3) | (z_matrix < -1).any(axis=1))
-    if len(bad):
-        raise ValueError(
-            f"z-matrix row {bad[0]} {z_matrix[bad[0]].tolist()}: atom indices must be >= 0, "
-            "and -1 (missing reference) may only replace references"
-        )
-    initial = []
-    for k in (3, 2, 1):
-        rows = np.flatnonzero(n_missing == k)
-        if len(rows) != 1:
-            raise ValueError(
-                f"a global z-matrix needs exactly one row with {k} missing reference(s) (-1); "
-                f"found {len(rows)}: rows {rows.tolist()}"
-            )
-        row = z_matrix[rows[0]]
-        if np.any(row[4 - k:] != -1):
-            raise ValueError(
-                f"z-matrix row {rows[0]} {row.tolist()}: missing references (-1) must be the "
-                "trailing entries"
-            )
-        initial.append(int(rows[0]))
-    a_row, b_row, c_row = (z_matrix[i] for i in initial)
-    a, b, c = int(a_row[0]), int(b_row[0]), int(c_row[0])
-    n_atoms = len(z_matrix)
-    for r, atom in zip(initial, (a, b, c)):
-        if not 0 <= atom < n_atoms:
-            raise ValueError(
-                f"z-matrix row {r} {z_matrix[r].tolist()}: atom index {atom} out of range "
-                f"[0, {n_atoms})"
-            )
-    if len({a, b, c}) != 3:
-        raise ValueError(f"the first three atoms of a global z-matrix must be distinct, got {[a, b, c]}")
-    if int(b_row[1]) != a:
-        raise ValueError(
-            f"z-matrix row {initial[1]} {b_row.tolist()}: the second atom must be bonded to "
-            f"the first atom {a}"
-        )
-    if sorted(c_row[1:3].tolist()) != sorted([a, b]):
-        raise ValueError(
-            f"z-matrix row {initial[2]} {c_row.tolist()}: the third atom's bond and angle "
-            f"references must be the first two atoms {a} and {b}"
-        )
-    others = np.flatnonzero(n_missing == 0)
-    return (a, b, c), int(c_row[1]), int(c_row[2]), z_matrix[others]
-
-
 def _flatten_batch(x: torch.Tensor, n_atoms: int, name: str = "x"):
     if x.dim() < 2 or x.shape[-1] != 3 * n_atoms:
         raise ValueError(
@@ -578,14 +445,12 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
         raise_warnings: bool = True,
     ):
         super().__init__()
-        z = _as_index_array(z_matrix, "z_matrix")
-        if z.ndim != 2 or z.shape[1] != 4:
-            raise ValueError(f"z_matrix must have shape [n_atoms, 4], got {list(z.shape)}")
+        z = as_z_matrix_array(z_matrix)
         if len(z) < 3:
             raise ValueError(f"a global z-matrix needs at least 3 atoms, got {len(z)} rows")
-        (a, b, c), c_bond, c_angle, rows = _split_global_z_matrix(z)
         n_atoms = len(z)
-        _check_rows(rows, n_atoms, [a, b, c], "z_matrix", "one of the first three atoms (rows with -1)")
+        validate_z_matrix(z, n_atoms)
+        (a, b, c), (c_bond, c_angle), rows = split_global_z_matrix(z)
         self._initial = (a, b, c)
         self._c_refs = (c_bond, c_angle)
         self._ics = _ZMatrixICs(rows, [a, b, c], n_atoms, normalize_angles, eps,
@@ -835,21 +700,10 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
         raise_warnings: bool = True,
     ):
         super().__init__()
-        fixed = _as_index_array(fixed_atoms, "fixed_atoms").reshape(-1)
-        if len(fixed) < 3:
-            raise ValueError(
-                f"fixed_atoms needs at least 3 atoms to define a frame, got {fixed.tolist()}"
-            )
-        if len(set(fixed.tolist())) != len(fixed):
-            raise ValueError(f"fixed_atoms must be distinct, got {fixed.tolist()}")
+        fixed = as_index_array(fixed_atoms, "fixed_atoms").reshape(-1)
         z = as_z_matrix_array(z_matrix)
         n_atoms = len(fixed) + len(z)
-        if np.any(fixed < 0) or np.any(fixed >= n_atoms):
-            raise ValueError(
-                f"fixed_atoms {fixed.tolist()} out of range for {n_atoms} atoms "
-                f"({len(fixed)} fixed + {len(z)} z-matrix rows)"
-            )
-        _check_rows(z, n_atoms, fixed, "z_matrix")
+        validate_z_matrix(z, n_atoms, fixed)
         self._fixed = fixed
         self._z = z
         self._ics = _ZMatrixICs(z, fixed, n_atoms, normalize_angles, eps,

@@ -12,7 +12,9 @@ distance to ``bond_ref``, the angle ``atom-bond_ref-angle_ref`` and the dihedral
   reference); for ``GlobalInternalCoordinateTransformation``.
 
 Rows are ordered so that every reference is placed before it is used (by the fixed block
-or an earlier row), which :func:`validate_z_matrix` checks.
+or an earlier row).  :func:`validate_z_matrix` is the host's
+(:func:`bgflow_gate.host.zmatrix.validate_z_matrix`), the one rule of the package: like
+bgflow it accepts rows in any order that can be placed.
 
 Examples
 --------
@@ -35,107 +37,13 @@ array([[0, 1, 2, 3],
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..host.ic import _as_index_array, as_z_matrix_array
+from ..host.zmatrix import as_index_array, check_fixed_atoms, validate_z_matrix
 
 __all__ = ["build_z_matrix", "z_matrix_from_topology", "validate_z_matrix"]
-
-
-# --------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------
-
-
-def _fixed_array(fixed_atoms, n_atoms: int) -> np.ndarray:
-    fixed = _as_index_array(fixed_atoms, "fixed_atoms").reshape(-1)
-    bad = [int(i) for i in fixed if not 0 <= i < n_atoms]
-    if bad:
-        raise ValueError(f"fixed_atoms {bad} out of range [0, {n_atoms})")
-    if len(set(fixed.tolist())) != len(fixed):
-        raise ValueError(f"fixed_atoms must be distinct, got {fixed.tolist()}")
-    return fixed
-
-
-def validate_z_matrix(
-    z_matrix, n_atoms: int, fixed_atoms: Optional[Sequence[int]] = None
-) -> np.ndarray:
-    """Check that a z-matrix places every atom exactly once from already placed atoms.
-
-    Parameters
-    ----------
-    z_matrix : array_like of int, shape [n_rows, 4]
-        Rows ``[atom, bond_ref, angle_ref, torsion_ref]``; ``-1`` marks a missing
-        reference.
-    n_atoms : int
-        Number of atoms of the system.
-    fixed_atoms : sequence of int, optional
-        Atoms placed before the first row (kept Cartesian).  ``None`` for a global
-        z-matrix.
-
-    Returns
-    -------
-    np.ndarray
-        The z-matrix as an ``int64`` array of shape ``[n_rows, 4]``.
-
-    Raises
-    ------
-    ValueError
-        Naming the offending row when: the shape is not ``[n_rows, 4]``; an index is out
-        of range; a row's references are not distinct (from each other and from its
-        atom); an atom is placed twice (by two rows, or by a row and ``fixed_atoms``); a
-        reference is used before it is placed; a row has a missing reference (``-1``)
-        although enough atoms are placed, or ``-1`` not as a trailing entry.  Also when
-        some atoms are placed neither by ``fixed_atoms`` nor by any row.
-
-    Notes
-    -----
-    A row has ``min(3, n_placed)`` references, ``n_placed`` being the number of atoms
-    placed before it, and the rest ``-1``: with ``fixed_atoms`` of at least 3 atoms no
-    ``-1`` at all; for a global z-matrix the first three rows have 3, 2 and 1 ``-1``.
-    """
-    if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
-        raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
-    z = as_z_matrix_array(z_matrix)
-    fixed = [] if fixed_atoms is None else _fixed_array(fixed_atoms, n_atoms).tolist()
-    placed_by = {atom: "fixed_atoms" for atom in fixed}
-    for r, row in enumerate(z.tolist()):
-        atom, refs = row[0], row[1:]
-        where = f"z-matrix row {r} {row}"
-        if not 0 <= atom < n_atoms:
-            raise ValueError(f"{where}: atom index {atom} out of range [0, {n_atoms})")
-        for ref in refs:
-            if ref != -1 and not 0 <= ref < n_atoms:
-                raise ValueError(
-                    f"{where}: reference {ref} out of range [0, {n_atoms}) (use -1 for a "
-                    "missing reference)"
-                )
-        n_given = sum(ref != -1 for ref in refs)
-        if any(ref == -1 for ref in refs[:n_given]):
-            raise ValueError(f"{where}: missing references (-1) must be the trailing entries")
-        expected = min(3, len(placed_by))
-        if n_given != expected:
-            raise ValueError(
-                f"{where}: has {n_given} reference(s) but {expected} are required "
-                f"({len(placed_by)} atoms are placed before this row)"
-            )
-        given = refs[:n_given]
-        if len(set([atom] + given)) != 1 + n_given:
-            raise ValueError(f"{where}: the atom and its references must be distinct")
-        if atom in placed_by:
-            raise ValueError(f"{where}: atom {atom} is placed twice (also by {placed_by[atom]})")
-        for ref in given:
-            if ref not in placed_by:
-                raise ValueError(f"{where}: reference {ref} is used before it is placed")
-        placed_by[atom] = f"row {r}"
-    missing = sorted(set(range(n_atoms)) - set(placed_by))
-    if missing:
-        raise ValueError(
-            f"atoms {missing} are never placed (neither in fixed_atoms nor in any z-matrix row)"
-        )
-    return z
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +59,7 @@ class _Graph:
         self.heavy = heavy
         self.neighbors: list[set[int]] = [set() for _ in range(n_atoms)]
         for k, bond in enumerate(bonds):
-            pair = _as_index_array(bond, "bonds").reshape(-1).tolist()
+            pair = as_index_array(bond, "bonds").reshape(-1).tolist()
             if len(pair) != 2:
                 raise ValueError(f"bond {k} must be a pair of atom indices, got {bond!r}")
             i, j = pair
@@ -177,7 +85,7 @@ class _Graph:
             self._distances[source] = dist
         return self._distances[source]
 
-    def rank(self, atoms: Iterable[int], near: Optional[int] = None) -> list[int]:
+    def rank(self, atoms: Iterable[int], near: int | None = None) -> list[int]:
         """Sort atoms: closest to ``near`` first (if given), heavy first, then by index."""
         dist = self.distances(near) if near is not None else None
         return sorted(
@@ -214,8 +122,8 @@ def _choose_references(graph: _Graph, atom: int, bond_ref: int, placed: set[int]
 def build_z_matrix(
     n_atoms: int,
     bonds: Iterable[Sequence[int]],
-    fixed_atoms: Optional[Sequence[int]] = None,
-    heavy: Optional[Sequence[bool]] = None,
+    fixed_atoms: Sequence[int] | None = None,
+    heavy: Sequence[bool] | None = None,
 ) -> np.ndarray:
     """Build a z-matrix from a molecule's bond graph.
 
@@ -263,46 +171,56 @@ def build_z_matrix(
     if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
     n_atoms = int(n_atoms)
-    if heavy is None:
-        heavy_arr = np.ones(n_atoms, dtype=bool)
-    else:
-        heavy_arr = np.asarray(heavy, dtype=bool).reshape(-1)
-        if len(heavy_arr) != n_atoms:
-            raise ValueError(f"heavy must have one entry per atom ({n_atoms}), got {len(heavy_arr)}")
-    graph = _Graph(n_atoms, bonds, heavy_arr)
-
-    rows: list[list[int]] = []
+    graph = _Graph(n_atoms, bonds, _heavy_flags(heavy, n_atoms))
     if fixed_atoms is not None:
-        fixed = _fixed_array(fixed_atoms, n_atoms).tolist()
-        if len(fixed) < 3:
-            raise ValueError(
-                f"fixed_atoms needs at least 3 atoms, got {fixed}; use fixed_atoms=None for a "
-                "global z-matrix"
-            )
-        order = list(fixed)
+        rows, order = [], check_fixed_atoms(fixed_atoms, n_atoms).tolist()
     else:
-        order = _initial_atoms(graph)
-        a = order[0]
-        rows.append([a, -1, -1, -1])
-        if len(order) > 1:
-            rows.append([order[1], a, -1, -1])
-        if len(order) > 2:
-            b, c = order[1], order[2]
-            rows.append([c, b, a, -1] if b in graph.neighbors[c] else [c, a, b, -1])
-    placed = set(order)
-    queue = deque(order)
-    while queue:
-        bond_ref = queue.popleft()
-        for atom in graph.rank(n for n in graph.neighbors[bond_ref] if n not in placed):
-            rows.append([atom, bond_ref, *_choose_references(graph, atom, bond_ref, placed)])
-            placed.add(atom)
-            queue.append(atom)
+        rows, order = _global_initial_rows(graph)
+    rows += _rows_outward(graph, order)
+    placed = set(order) | {row[0] for row in rows}
     unreached = sorted(set(range(n_atoms)) - placed)
     if unreached:
         start = "the fixed atoms" if fixed_atoms is not None else f"atom {order[0]}"
         raise ValueError(f"atoms {unreached} are not connected by bonds to {start}")
     z = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     return validate_z_matrix(z, n_atoms, fixed_atoms)
+
+
+def _heavy_flags(heavy: Sequence[bool] | None, n_atoms: int) -> np.ndarray:
+    """Per atom, whether it is heavy; all atoms when ``heavy`` is ``None``."""
+    if heavy is None:
+        return np.ones(n_atoms, dtype=bool)
+    heavy_arr = np.asarray(heavy, dtype=bool).reshape(-1)
+    if len(heavy_arr) != n_atoms:
+        raise ValueError(f"heavy must have one entry per atom ({n_atoms}), got {len(heavy_arr)}")
+    return heavy_arr
+
+
+def _global_initial_rows(graph: _Graph) -> tuple[list[list[int]], list[int]]:
+    """The (up to) three rows with ``-1`` of a global z-matrix, and their atoms."""
+    order = _initial_atoms(graph)
+    a = order[0]
+    rows = [[a, -1, -1, -1]]
+    if len(order) > 1:
+        rows.append([order[1], a, -1, -1])
+    if len(order) > 2:
+        b, c = order[1], order[2]
+        rows.append([c, b, a, -1] if b in graph.neighbors[c] else [c, a, b, -1])
+    return rows, order
+
+
+def _rows_outward(graph: _Graph, start: list[int]) -> list[list[int]]:
+    """Rows for every atom reachable from ``start``, breadth-first along the bonds."""
+    rows = []
+    placed = set(start)
+    queue = deque(start)
+    while queue:
+        bond_ref = queue.popleft()
+        for atom in graph.rank(n for n in graph.neighbors[bond_ref] if n not in placed):
+            rows.append([atom, bond_ref, *_choose_references(graph, atom, bond_ref, placed)])
+            placed.add(atom)
+            queue.append(atom)
+    return rows
 
 
 def _initial_atoms(graph: _Graph) -> list[int]:
@@ -355,7 +273,7 @@ def _topology_graph(topology):
     return len(atoms), bonds, heavy
 
 
-def z_matrix_from_topology(topology, fixed_atoms: Optional[Sequence[int]] = None) -> np.ndarray:
+def z_matrix_from_topology(topology, fixed_atoms: Sequence[int] | None = None) -> np.ndarray:
     """Build a z-matrix from the bonds of an mdtraj or openmm topology.
 
     Parameters
