@@ -28,6 +28,8 @@ __all__ = [
     "PRESET_KIND",
     "GATE_DEFAULTS",
     "load_experiments",
+    "parse_yaml",
+    "training_experiments",
     "gate_settings",
     "experiment_schedule",
     "data_settings",
@@ -87,15 +89,80 @@ def _section(experiments: Mapping[str, Mapping], name: str, key: str, accepted, 
     return section
 
 
-def load_experiments(path: str | Path) -> dict[str, dict]:
-    """Read an experiments file: a mapping of experiment names to mappings."""
-    path = Path(path)
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes: numbers in scientific notation without a dot
+    (``1e5``, ``-2E-3``) are floats, as people write them (YAML 1.1 reads them as strings),
+    and a key given twice in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: key {key!r} given twice (also on line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "") -> Any:
+    """YAML text as Python values, read as the experiments file is read: ``1e5`` is a float,
+    and a duplicate key is a :class:`ConfigError` naming ``source`` and both lines.
+
+    Examples
+    --------
+    >>> parse_yaml("E_max: 1e5\nhold_epochs: 50\n")
+    {'E_max': 100000.0, 'hold_epochs': 50}
+    """
+    where = f"{source}: " if source else ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source or 'the text'} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _read_text(path: Path) -> str:
+    """The text of an experiments file; a clear error for anything that is not one."""
+    if path.is_dir():
+        raise ConfigError(f"experiments file {path} is a directory; pass the YAML file itself to --config")
     if not path.is_file():
         raise ConfigError(f"experiments file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"experiments file {path} is not a text file (YAML expected); check the --config path") from None
+    except OSError as err:
+        raise ConfigError(f"experiments file {path} cannot be read: {err.strerror}") from None
+
+
+def load_experiments(path: str | Path) -> dict[str, dict]:
+    """Read an experiments file: a mapping of experiment names to mappings.
+
+    Numbers may be written ``1e5`` (a float) and a key given twice is an error (see
+    :func:`parse_yaml`); every error is a :class:`ConfigError` that names the file.
+    """
+    path = Path(path)
+    data = parse_yaml(_read_text(path), str(path))
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"{path} must map experiment names to their settings")
     for name, settings in data.items():
@@ -178,6 +245,25 @@ def experiment_schedule(path: str | Path, name: str) -> Schedule:
     return gate_settings(load_experiments(path), name, source=str(path))["schedule"]
 
 
+def training_experiments(experiments: Mapping[str, Mapping]) -> list[str]:
+    """The names of the entries that ``train`` and ``data`` run (every one but the schedule
+    presets), sorted."""
+    return sorted(name for name, body in experiments.items() if body.get("kind") != PRESET_KIND)
+
+
+def _refuse_preset(experiments: Mapping[str, Mapping], name: str, where: str, command: str) -> None:
+    """A :class:`ConfigError` when ``name`` is a schedule preset or has an unknown ``kind``."""
+    kind = experiments[name].get("kind", "experiment")
+    if kind not in ("experiment", PRESET_KIND):
+        raise ConfigError(f"{where}{name}.kind must be 'experiment' or {PRESET_KIND!r}, got {kind!r}")
+    if kind == PRESET_KIND:
+        raise ConfigError(
+            f"{where}{name!r} is a schedule preset, not an experiment to {command}: it holds only a gate "
+            f"schedule, to show with 'bgflow-gate schedule --experiment {name}' or to copy into an "
+            f"experiment's gate section; experiments: {', '.join(training_experiments(experiments))}"
+        )
+
+
 def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str = ""):
     """The validated ``data`` section of experiment ``name`` as
     :class:`~bgflow_gate.systems.data.ReplicaExchangeSettings` (omitted keys take its defaults)."""
@@ -186,6 +272,7 @@ def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     where = f"{source}: " if source else ""
     accepted = [f.name for f in dataclass_fields(ReplicaExchangeSettings)]
     section = _section(experiments, name, "data", accepted, where)
+    _refuse_preset(experiments, name, where, "generate data for")
     try:
         return ReplicaExchangeSettings(**section)
     except ValueError as err:
@@ -196,7 +283,7 @@ def data_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
 
 #: Keys an experiment may have at its top level.
 TOP_LEVEL_KEYS = (
-    "description", "device", "use_energy_gating", "E_cut", "E_max",
+    "kind", "description", "device", "use_energy_gating", "E_cut", "E_max",
     "data", "gate", "model", "training", "energy", "evaluation",
 )
 
@@ -358,6 +445,7 @@ def run_settings(
         raise ConfigError(f"{where}no experiment named {name!r}; available: {', '.join(sorted(experiments))}")
     experiment = experiments[name]
     _reject_unknown(experiment, TOP_LEVEL_KEYS, name, where)
+    _refuse_preset(experiments, name, where, "train")
     use_gate = experiment.get("use_energy_gating", True)
     if not isinstance(use_gate, bool):
         raise ConfigError(f"{where}{name}.use_energy_gating must be true or false, got {use_gate!r}")

@@ -98,6 +98,39 @@ def test_omitted_schedule_arguments_take_the_schedule_defaults(tmp_path):
     assert settings["schedule"] == ThreeStageSchedule(warmup_epochs=500)
 
 
+def test_scientific_notation_without_a_dot_is_a_float_everywhere(tmp_path):
+    path = write(tmp_path, "exp:\n  E_max: 1e5\n  E_cut: 5E2\n  gate: {schedule: {type: three_stage, e_initial: 1e+10}}\n")
+    experiments = load_experiments(path)
+    assert experiments["exp"]["E_max"] == 100000.0 and isinstance(experiments["exp"]["E_max"], float)
+    settings = gate_settings(experiments, "exp")
+    assert settings["schedule"] == ThreeStageSchedule(e_initial=1e10, e_final=1e5)
+    assert settings["e_cut"] == 500.0
+
+
+def test_plain_integers_and_quoted_numbers_keep_their_yaml_types():
+    from bgflow_gate.config import parse_yaml
+
+    assert parse_yaml("a: 50\nb: '1e5'\nc: 1_000\nd: -.5\n") == {"a": 50, "b": "1e5", "c": 1000, "d": -0.5}
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = write(tmp_path, "exp:\n  E_max: 1.0e+5\n  E_cut: 500.0\n  E_max: 1.0e+6\n")
+    with pytest.raises(ConfigError, match=r"experiments.yaml: line 4: key 'E_max' given twice \(also on line 2\)"):
+        load_experiments(path)
+
+
+def test_a_directory_as_experiments_file_is_an_error_saying_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory; pass the YAML file itself to --config"):
+        load_experiments(tmp_path)
+
+
+def test_a_binary_experiments_file_is_an_error_saying_it_is_not_text(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"model.pt is not a text file \(YAML expected\)"):
+        load_experiments(path)
+
+
 def test_exponent_without_dot_is_still_read_as_a_number(tmp_path):
     # PyYAML reads 1e5 (no dot) as a string; the settings still become numbers.
     settings = gate_of(tmp_path, "e_cut: 5e2\nschedule: {type: linear, e_final: 1e3}\n")

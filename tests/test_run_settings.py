@@ -26,7 +26,7 @@ def settings(tmp_path, body: str, **kwargs):
     return run_settings(load_experiments(path), "exp", source=str(path), cuda_available=False, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu", "default", "legacy_linear", "lenient"])
+@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu"])
 def test_every_repository_experiment_validates(name):
     s = run_settings(load_experiments(REPO_CONFIG), name, cuda_available=True)
     assert s["name"] == name
@@ -95,3 +95,21 @@ def test_a_cuda_experiment_without_cuda_is_an_error_unless_the_device_is_overrid
         settings(tmp_path, "device: cuda\n")
     assert settings(tmp_path, "device: cuda\n", device="cpu")["device"] == "cpu"
     assert settings(tmp_path, "device: auto\n")["device"] == "cpu"
+
+
+@pytest.mark.parametrize("name", ["default", "legacy_linear", "lenient"])
+def test_train_and_data_refuse_a_schedule_preset_saying_what_it_is_for(name):
+    from bgflow_gate.config import data_settings
+
+    experiments = load_experiments(REPO_CONFIG)
+    message = rf"'{name}' is a schedule preset, not an experiment to train: .*bgflow-gate schedule --experiment {name}"
+    with pytest.raises(ConfigError, match=message + ".*experiments: aa_300_450_cpu, aa_300_450_gpu, smoke$"):
+        run_settings(experiments, name, cuda_available=True)
+    with pytest.raises(ConfigError, match="is a schedule preset, not an experiment to generate data for"):
+        data_settings(experiments, name)
+    assert experiment_schedule(REPO_CONFIG, name)(0) == 1e10 if name != "legacy_linear" else 1e7
+
+
+def test_an_unknown_kind_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.kind must be 'experiment' or 'schedule_preset', got 'preset'"):
+        settings(tmp_path, "kind: preset\n")
