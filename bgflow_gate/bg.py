@@ -82,6 +82,30 @@ def resolve(choice: str | None = None) -> tuple[ModuleType, str]:
     ImportError
         If ``"bgflow"`` is demanded and bgflow does not import.
     """
+    choice = _checked_choice(choice)
+    if choice == "builtin":
+        return _builtin(), "builtin"
+    try:
+        return _import_bgflow(), "bgflow"
+    except Exception as err:  # bgflow raises AttributeError under NumPy >= 2
+        if choice == "bgflow":
+            raise ImportError(
+                f"{ENV_VAR}=bgflow demands the real bgflow, but 'import bgflow' failed "
+                f"({_cause(err)}). bgflow needs torch, einops and numpy<2; unset {ENV_VAR} to "
+                f"use the built-in host."
+            ) from err
+        if not (isinstance(err, ModuleNotFoundError) and err.name == "bgflow"):
+            warnings.warn(
+                f"bgflow is installed but failed to import ({_cause(err)}); using "
+                f"bgflow-gate's built-in host",
+                HostImportWarning,
+                stacklevel=2,
+            )
+        return _builtin(), "builtin"
+
+
+def _checked_choice(choice: str | None) -> str:
+    """The choice, lower-cased; ``BGFLOW_GATE_HOST`` (or ``"auto"``) when ``None``."""
     if choice is None:
         choice = os.environ.get(ENV_VAR, "").strip() or "auto"
     choice = choice.lower()
@@ -89,27 +113,11 @@ def resolve(choice: str | None = None) -> tuple[ModuleType, str]:
         raise ValueError(
             f"{ENV_VAR}={choice!r} is not understood; use one of {', '.join(_CHOICES)}"
         )
-    if choice == "builtin":
-        return _builtin(), "builtin"
-    try:
-        return _import_bgflow(), "bgflow"
-    except Exception as err:  # bgflow raises AttributeError under NumPy >= 2
-        cause = f"{type(err).__name__}: {err}"
-        if choice == "bgflow":
-            raise ImportError(
-                f"{ENV_VAR}=bgflow demands the real bgflow, but 'import bgflow' failed "
-                f"({cause}). bgflow needs torch, einops and numpy<2; unset {ENV_VAR} to "
-                f"use the built-in host."
-            ) from err
-        if isinstance(err, ModuleNotFoundError) and err.name == "bgflow":
-            return _builtin(), "builtin"
-        warnings.warn(
-            f"bgflow is installed but failed to import ({cause}); using bgflow-gate's "
-            f"built-in host",
-            HostImportWarning,
-            stacklevel=2,
-        )
-        return _builtin(), "builtin"
+    return choice
+
+
+def _cause(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 module, HOST = resolve()

@@ -291,6 +291,16 @@ def _check_last_dim(t: torch.Tensor, size: int, name: str, batch: int) -> torch.
     return t
 
 
+def _euler_rotation(alpha, cos_beta, sin_beta, gamma) -> torch.Tensor:
+    """``R = Rz(alpha) Rx(beta) Rz(gamma)`` (proper z-x-z Euler angles), ``[batch, 3, 3]``."""
+    ca, sa, cg, sg = torch.cos(alpha), torch.sin(alpha), torch.cos(gamma), torch.sin(gamma)
+    return torch.stack([
+        torch.stack([ca * cg - sa * cos_beta * sg, -ca * sg - sa * cos_beta * cg, sa * sin_beta], -1),
+        torch.stack([sa * cg + ca * cos_beta * sg, -sa * sg + ca * cos_beta * cg, -ca * sin_beta], -1),
+        torch.stack([sin_beta * sg, sin_beta * cg, cos_beta], -1),
+    ], dim=-2)
+
+
 # --------------------------------------------------------------------------------------
 # shared placement machinery
 # --------------------------------------------------------------------------------------
@@ -302,54 +312,54 @@ class _ZMatrixICs(torch.nn.Module):
     def __init__(self, rows: np.ndarray, given: Sequence[int], n_atoms: int,
                  normalize_angles: bool, eps: float, enforce_boundaries: bool, raise_warnings: bool):
         super().__init__()
-        self._rows = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
-        self._n_atoms = int(n_atoms)
-        self._normalize_angles = bool(normalize_angles)
-        self._eps = float(eps)
-        self._enforce_boundaries = bool(enforce_boundaries)
-        self._raise_warnings = bool(raise_warnings)
-        self._stages = placement_stages(self._rows, given)
-        self._rows_t = torch.as_tensor(self._rows, dtype=torch.long)
-        self._stages_t = [torch.as_tensor(s, dtype=torch.long) for s in self._stages]
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+        self.n_atoms = int(n_atoms)
+        self.normalize_angles = bool(normalize_angles)
+        self.eps = float(eps)
+        self.enforce_boundaries = bool(enforce_boundaries)
+        self.raise_warnings = bool(raise_warnings)
+        self.stages = placement_stages(self.rows, given)
+        self.rows_t = torch.as_tensor(self.rows, dtype=torch.long)
+        self.stages_t = [torch.as_tensor(s, dtype=torch.long) for s in self.stages]
 
     @property
     def n_rows(self) -> int:
-        return len(self._rows)
+        return len(self.rows)
 
-    def _row_ics(self, x: torch.Tensor):
+    def row_ics(self, x: torch.Tensor):
         """Raw bonds, angles (rad) and torsions (rad) of the rows, each ``[batch, n_rows]``."""
-        idx = self._rows_t.to(x.device)
+        idx = self.rows_t.to(x.device)
         p0, p1, p2, p3 = (x[:, idx[:, k]] for k in range(4))
-        if self._raise_warnings:
-            _norm(p0 - p1, self._eps, False, True, "bond")
+        if self.raise_warnings:
+            _norm(p0 - p1, self.eps, False, True, "bond")
         return bond_lengths(p0, p1), bond_angles(p0, p1, p2), torsion_angles(p0, p1, p2, p3)
 
-    def _ic_constant(self, n: int) -> float:
-        return n * (_LOG_PI + _LOG_2PI) if self._normalize_angles else 0.0
+    def ic_constant(self, n: int) -> float:
+        return n * (_LOG_PI + _LOG_2PI) if self.normalize_angles else 0.0
 
-    def _place(self, points: torch.Tensor, bonds, angles, torsions) -> torch.Tensor:
+    def place(self, points: torch.Tensor, bonds, angles, torsions) -> torch.Tensor:
         """Place the rows' atoms into ``points`` ([batch, n_atoms, 3]) stage by stage."""
-        rows = self._rows_t.to(points.device)
-        for stage in self._stages_t:
+        rows = self.rows_t.to(points.device)
+        for stage in self.stages_t:
             stage = stage.to(points.device)
             refs = rows[stage]
             new = place_atoms(
                 points[:, refs[:, 1]], points[:, refs[:, 2]], points[:, refs[:, 3]],
                 bonds[:, stage], angles[:, stage], torsions[:, stage],
-                eps=self._eps, enforce_boundaries=self._enforce_boundaries,
-                raise_warnings=self._raise_warnings,
+                eps=self.eps, enforce_boundaries=self.enforce_boundaries,
+                raise_warnings=self.raise_warnings,
             )
             points = points.index_copy(1, refs[:, 0], new)
         return points
 
-    def _to_output(self, bonds, angles, torsions):
-        if self._normalize_angles:
+    def to_output(self, bonds, angles, torsions):
+        if self.normalize_angles:
             angles = _normalize_angles(angles)
             torsions = _normalize_torsions(torsions)
         return bonds, angles, torsions
 
-    def _from_input(self, angles, torsions):
-        if self._normalize_angles:
+    def from_input(self, angles, torsions):
+        if self.normalize_angles:
             angles = _unnormalize_angles(angles)
             torsions = _unnormalize_torsions(torsions)
         return angles, torsions
@@ -372,7 +382,7 @@ class _ICProperties:
 
     @property
     def normalize_angles(self) -> bool:
-        return self._ics._normalize_angles
+        return self._ics.normalize_angles
 
 
 # --------------------------------------------------------------------------------------
@@ -460,7 +470,7 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
 
     @property
     def z_matrix(self) -> np.ndarray:
-        return self._ics._rows.copy()
+        return self._ics.rows.copy()
 
     @property
     def fixed_atoms(self) -> np.ndarray:
@@ -472,23 +482,23 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
 
     @property
     def n_atoms(self) -> int:
-        return self._ics._n_atoms
+        return self._ics.n_atoms
 
     @property
     def bond_indices(self) -> np.ndarray:
         a, b, c = self._initial
         first = np.array([[b, a], [c, self._c_refs[0]]], dtype=np.int64)
-        return np.concatenate([first, self._ics._rows[:, :2]], axis=0)
+        return np.concatenate([first, self._ics.rows[:, :2]], axis=0)
 
     @property
     def angle_indices(self) -> np.ndarray:
         c = self._initial[2]
         first = np.array([[c, *self._c_refs]], dtype=np.int64)
-        return np.concatenate([first, self._ics._rows[:, :3]], axis=0)
+        return np.concatenate([first, self._ics.rows[:, :3]], axis=0)
 
     @property
     def torsion_indices(self) -> np.ndarray:
-        return self._ics._rows[:, :4].copy()
+        return self._ics.rows[:, :4].copy()
 
     # ---- transform -----------------------------------------------------------------
 
@@ -505,11 +515,11 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
         ics = self._ics
         xs, batch_shape = _flatten_batch(x, self.n_atoms)
         a, b, c = self._initial
-        bonds, angles, torsions = ics._row_ics(xs)
+        bonds, angles, torsions = ics.row_ics(xs)
         d_ab, d_c, angle_c = self._initial_ics(xs)
 
-        e1, e2, e3 = _canonical_axes(xs[:, a], xs[:, b], xs[:, c], ics._eps,
-                                     ics._enforce_boundaries, ics._raise_warnings)
+        e1, e2, e3 = _canonical_axes(xs[:, a], xs[:, b], xs[:, c], ics.eps,
+                                     ics.enforce_boundaries, ics.raise_warnings)
         alpha = torch.atan2(e1[:, 0], -e1[:, 1])
         cos_beta = e1[:, 2]
         gamma = torch.atan2(e2[:, 2], e3[:, 2])
@@ -520,12 +530,12 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
         all_angles = torch.cat([angle_c[:, None], angles], dim=-1)
 
         log_vol = (
-            2.0 * torch.log(d_ab.clamp_min(ics._eps) if ics._enforce_boundaries else d_ab)[:, None]
-            + _spherical_log_volume(all_bonds[:, 1:], all_angles, ics._eps,
-                                    ics._enforce_boundaries, ics._raise_warnings)
+            2.0 * torch.log(d_ab.clamp_min(ics.eps) if ics.enforce_boundaries else d_ab)[:, None]
+            + _spherical_log_volume(all_bonds[:, 1:], all_angles, ics.eps,
+                                    ics.enforce_boundaries, ics.raise_warnings)
         )
-        if ics._normalize_angles:
-            all_bonds, all_angles, torsions = ics._to_output(all_bonds, all_angles, torsions)
+        if ics.normalize_angles:
+            all_bonds, all_angles, torsions = ics.to_output(all_bonds, all_angles, torsions)
             alpha = _normalize_torsions(alpha)
             gamma = _normalize_torsions(gamma)
             log_vol = log_vol + all_angles.shape[-1] * _LOG_PI + (torsions.shape[-1] + 2) * _LOG_2PI
@@ -541,6 +551,23 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
             shaped(x0, [1, 3]), shaped(orientation, [3]), shaped(dlogp, [1]),
         )
 
+    def _place_b_and_c(self, x0, d_ab, r_c, th_c, rot):
+        """Positions of the second and third atoms from their ICs and the frame ``rot``.
+
+        In the local frame ``a`` lies at 0, ``b`` on ``+z`` and ``c`` in the ``xz`` plane
+        (``x > 0``); ``rot`` turns the local frame into the global one.
+        """
+        a = self._initial[0]
+        j = self._c_refs[0]
+        zero = torch.zeros_like(d_ab)
+        local_b = torch.stack([zero, zero, d_ab], dim=-1)
+        axis_sign = 1.0 if j == a else -1.0  # direction from c's bond ref to its angle ref
+        z_c = (0.0 if j == a else 1.0) * d_ab + axis_sign * r_c * torch.cos(th_c)
+        local_c = torch.stack([r_c * torch.sin(th_c), zero, z_c], dim=-1)
+        x_b = x0 + torch.einsum("nij,nj->ni", rot, local_b)
+        x_c = x0 + torch.einsum("nij,nj->ni", rot, local_c)
+        return x_b, x_c
+
     def _inverse(self, bonds, angles, torsions, x0, orientation, *args, **kwargs):
         """``(bonds, angles, torsions, x0, orientation)`` -> ``(xyz [batch, 3N], dlogp)``."""
         ics = self._ics
@@ -555,47 +582,30 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
         alpha, cos_beta, gamma = orientation.unbind(dim=-1)
 
         log_vol = x0.new_zeros(batch, 1)
-        if ics._normalize_angles:
-            angles, torsions = ics._from_input(angles, torsions)
+        if ics.normalize_angles:
+            angles, torsions = ics.from_input(angles, torsions)
             alpha = _unnormalize_torsions(alpha)
             gamma = _unnormalize_torsions(gamma)
             log_vol = log_vol + angles.shape[-1] * _LOG_PI + (torsions.shape[-1] + 2) * _LOG_2PI
-        if ics._enforce_boundaries:
-            cos_beta = cos_beta.clamp(-1.0 + ics._eps, 1.0 - ics._eps)
+        if ics.enforce_boundaries:
+            cos_beta = cos_beta.clamp(-1.0 + ics.eps, 1.0 - ics.eps)
         sin_beta = torch.sqrt(1.0 - cos_beta ** 2)
 
         d_ab = bonds[:, 0]
         log_vol = log_vol + 2.0 * torch.log(
-            d_ab.abs().clamp_min(ics._eps) if ics._enforce_boundaries else d_ab.abs()
+            d_ab.abs().clamp_min(ics.eps) if ics.enforce_boundaries else d_ab.abs()
         )[:, None]
-        log_vol = log_vol + _spherical_log_volume(bonds[:, 1:], angles, ics._eps,
-                                                  ics._enforce_boundaries, ics._raise_warnings)
+        log_vol = log_vol + _spherical_log_volume(bonds[:, 1:], angles, ics.eps,
+                                                  ics.enforce_boundaries, ics.raise_warnings)
 
-        # the first three atoms in the local frame: a at 0, b on +z, c in the xz plane (x > 0)
+        x_b, x_c = self._place_b_and_c(x0, bonds[:, 0], bonds[:, 1], angles[:, 0],
+                                       _euler_rotation(alpha, cos_beta, sin_beta, gamma))
         a, b, c = self._initial
-        j = self._c_refs[0]
-        zero = torch.zeros_like(d_ab)
-        local_b = torch.stack([zero, zero, d_ab], dim=-1)
-        axis_sign = 1.0 if j == a else -1.0  # direction from c's bond ref to its angle ref
-        r_c, th_c = bonds[:, 1], angles[:, 0]
-        z_c = (0.0 if j == a else 1.0) * d_ab + axis_sign * r_c * torch.cos(th_c)
-        local_c = torch.stack([r_c * torch.sin(th_c), zero, z_c], dim=-1)
-
-        # rotation R = Rz(alpha) Rx(beta) Rz(gamma), columns [e2, e3, e1]
-        ca, sa, cg, sg = torch.cos(alpha), torch.sin(alpha), torch.cos(gamma), torch.sin(gamma)
-        rot = torch.stack([
-            torch.stack([ca * cg - sa * cos_beta * sg, -ca * sg - sa * cos_beta * cg, sa * sin_beta], -1),
-            torch.stack([sa * cg + ca * cos_beta * sg, -sa * sg + ca * cos_beta * cg, -ca * sin_beta], -1),
-            torch.stack([sin_beta * sg, sin_beta * cg, cos_beta], -1),
-        ], dim=-2)
-        x_b = x0 + torch.einsum("nij,nj->ni", rot, local_b)
-        x_c = x0 + torch.einsum("nij,nj->ni", rot, local_c)
-
         points = x0.new_zeros(batch, n, 3)
         points = points.index_copy(
             1, torch.tensor([a, b, c], device=x0.device), torch.stack([x0, x_b, x_c], dim=1)
         )
-        points = ics._place(points, bonds[:, 2:], angles[:, 1:], torsions)
+        points = ics.place(points, bonds[:, 2:], angles[:, 1:], torsions)
         return points.reshape(*batch_shape, 3 * n), log_vol.reshape(*batch_shape, 1)
 
 
@@ -728,7 +738,7 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
             data = torch.as_tensor(data)
         if not isinstance(data, torch.Tensor) or not torch.is_floating_point(data):
             raise ValueError("data must be a floating-point tensor or array of configurations")
-        n_atoms = self._ics._n_atoms
+        n_atoms = self._ics.n_atoms
         if data.numel() % (3 * n_atoms) != 0 or data.dim() < 2:
             raise ValueError(
                 f"data must have shape [n_frames, {3 * n_atoms}] or [n_frames, {n_atoms}, 3], "
@@ -776,22 +786,22 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
         ics = self._ics
         a, b, c = block[:, 0], block[:, 1], block[:, 2]
         e1, e2, e3 = _canonical_axes(
-            a, b, c, ics._eps, ics._enforce_boundaries, ics._raise_warnings and check
+            a, b, c, ics.eps, ics.enforce_boundaries, ics.raise_warnings and check
         )
         q = torch.stack([e1, e2, e3], dim=-2)  # rows: canonical axes
         y = torch.einsum("nij,nkj->nki", q, block - a[:, None])
         s = torch.cat([y[:, 1, :1], y[:, 2, :2], y[:, 3:].reshape(len(block), -1)], dim=-1)
         u = c - a
         sin_abc = torch.linalg.vector_norm(torch.linalg.cross(e1, u, dim=-1), dim=-1) / (
-            torch.linalg.vector_norm(u, dim=-1).clamp_min(ics._eps)
+            torch.linalg.vector_norm(u, dim=-1).clamp_min(ics.eps)
         )
         return s, sin_abc
 
     def _orbit_log_volume(self, s: torch.Tensor) -> torch.Tensor:
         """``log(r_ab^2 c_y)`` from shape coordinates, ``[batch, 1]``."""
         r_ab, c_y = s[:, 0].abs(), s[:, 2].abs()
-        if self._ics._enforce_boundaries:
-            r_ab, c_y = r_ab.clamp_min(self._ics._eps), c_y.clamp_min(self._ics._eps)
+        if self._ics.enforce_boundaries:
+            r_ab, c_y = r_ab.clamp_min(self._ics.eps), c_y.clamp_min(self._ics.eps)
         return (2.0 * torch.log(r_ab) + torch.log(c_y))[:, None]
 
     # ---- bgflow attributes -----------------------------------------------------------
@@ -814,7 +824,7 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
 
     @property
     def n_atoms(self) -> int:
-        return self._ics._n_atoms
+        return self._ics.n_atoms
 
     @property
     def bond_indices(self) -> np.ndarray:
@@ -834,18 +844,18 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
         """xyz ``[batch, 3N]`` -> ``(bonds, angles, torsions, z_fixed, dlogp)``."""
         ics = self._ics
         xs, batch_shape = _flatten_batch(x, self.n_atoms)
-        bonds, angles, torsions = ics._row_ics(xs)
+        bonds, angles, torsions = ics.row_ics(xs)
         s, _ = self._shape_coordinates(xs[:, self._fixed_t.to(xs.device)])
         z_fixed = (s - self._mean.to(s)) @ self._whiten_matrix.to(s)
 
         log_vol = (
-            _spherical_log_volume(bonds, angles, ics._eps, ics._enforce_boundaries,
-                                  ics._raise_warnings)
-            + ics._ic_constant(ics.n_rows)
+            _spherical_log_volume(bonds, angles, ics.eps, ics.enforce_boundaries,
+                                  ics.raise_warnings)
+            + ics.ic_constant(ics.n_rows)
             + self._orbit_log_volume(s)
             + torch.log(self._std.to(s)).sum()
         )
-        bonds, angles, torsions = ics._to_output(bonds, angles, torsions)
+        bonds, angles, torsions = ics.to_output(bonds, angles, torsions)
         dlogp = -log_vol
         return (
             bonds.reshape(*batch_shape, -1), angles.reshape(*batch_shape, -1),
@@ -866,7 +876,7 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
         bonds = _check_last_dim(bonds, n_rows, "bonds", batch)
         angles = _check_last_dim(angles, n_rows, "angles", batch)
         torsions = _check_last_dim(torsions, n_rows, "torsions", batch)
-        angles, torsions = ics._from_input(angles, torsions)
+        angles, torsions = ics.from_input(angles, torsions)
 
         s = z_fixed @ self._blacken_matrix.to(z_fixed) + self._mean.to(z_fixed)
         zero = torch.zeros_like(s[:, 0])
@@ -876,12 +886,12 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
         ], dim=-1).reshape(batch, -1, 3)
         points = z_fixed.new_zeros(batch, self.n_atoms, 3)
         points = points.index_copy(1, self._fixed_t.to(points.device), block)
-        points = ics._place(points, bonds, angles, torsions)
+        points = ics.place(points, bonds, angles, torsions)
 
         log_vol = (
-            _spherical_log_volume(bonds, angles, ics._eps, ics._enforce_boundaries,
-                                  ics._raise_warnings)
-            + ics._ic_constant(n_rows)
+            _spherical_log_volume(bonds, angles, ics.eps, ics.enforce_boundaries,
+                                  ics.raise_warnings)
+            + ics.ic_constant(n_rows)
             + self._orbit_log_volume(s)
             + torch.log(self._std.to(s)).sum()
         )

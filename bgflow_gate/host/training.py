@@ -10,7 +10,7 @@ gradient contains NaN, and ``clip_forces`` accepted but ignored (as in bgflow).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -79,10 +79,10 @@ class KLTrainer:
     def __init__(
         self,
         bg,
-        optim: Optional[torch.optim.Optimizer] = None,
+        optim: torch.optim.Optimizer | None = None,
         train_likelihood: bool = True,
         train_energy: bool = True,
-        custom_loss: Optional[Callable] = None,
+        custom_loss: Callable | None = None,
         test_likelihood: bool = False,
     ):
         self.bg = bg
@@ -99,19 +99,10 @@ class KLTrainer:
         self.custom_loss = custom_loss
 
     def train(
-        self,
-        n_iter: int,
-        data=None,
-        testdata=None,
-        batchsize: int = 128,
-        w_likelihood: Optional[float] = None,
-        w_energy: Optional[float] = None,
-        w_custom: Optional[float] = None,
-        custom_loss_kwargs: dict = {},
-        n_print: int = 0,
-        temperature: float = 1.0,
-        schedulers: Iterable = (),
-        clip_forces=None,
+        self, n_iter: int, data=None, testdata=None, batchsize: int = 128,
+        w_likelihood: float | None = None, w_energy: float | None = None,
+        w_custom: float | None = None, custom_loss_kwargs: dict = {}, n_print: int = 0,
+        temperature: float = 1.0, schedulers: Iterable = (), clip_forces=None,
         progress_bar: Callable = lambda x: x,
     ) -> None:
         """Run ``n_iter`` optimisation steps.
@@ -141,58 +132,103 @@ class KLTrainer:
         progress_bar : callable
             Wraps the iteration range (e.g. ``tqdm.tqdm``).
         """
-        w_likelihood = self.w_likelihood if w_likelihood is None else w_likelihood
-        w_energy = self.w_energy if w_energy is None else w_energy
         if clip_forces is not None:
             warnings.warn("clip_forces is deprecated and ignored", DeprecationWarning, stacklevel=2)
-        if isinstance(data, torch.Tensor):
-            data = DataSetSampler(data)
-        if isinstance(testdata, torch.Tensor):
-            testdata = DataSetSampler(testdata)
-        if self.train_likelihood and data is None:
-            raise ValueError("likelihood training needs data; pass data= to train()")
-
+        weights = (w_likelihood, w_energy, w_custom)
+        iteration = _Iteration(self, data, testdata, batchsize, temperature, weights, custom_loss_kwargs)
         for it in progress_bar(range(n_iter)):
             for interval, scheduler in schedulers:
                 if it % interval == 0:
                     scheduler.step()
             self.optim.zero_grad()
-            reports = []
-            total = w_likelihood + w_energy
-            if self.train_energy:
-                kll = self.bg.kldiv(batchsize, temperature=temperature).mean()
-                reports.append(kll)
-                if w_energy > 0:
-                    (w_energy / total * kll).backward(retain_graph=True)
-            if self.train_likelihood:
-                batch = as_tuple(data.sample(batchsize))
-                nll = self.bg.energy(*batch, temperature=temperature).mean()
-                reports.append(nll)
-                if w_likelihood > 0:
-                    (w_likelihood / total * nll).backward(retain_graph=True)
-            if self.test_likelihood:
-                test_nll = torch.zeros(())
-                if testdata is not None:
-                    with torch.no_grad():
-                        test_batch = as_tuple(testdata.sample(batchsize))
-                        test_nll = self.bg.energy(*test_batch, temperature=temperature).mean()
-                reports.append(test_nll)
-            if self.custom_loss is not None:
-                custom = torch.tensor(float("nan"))
-                if w_custom is not None:
-                    custom = self.custom_loss(**custom_loss_kwargs)
-                    (w_custom * custom).backward(retain_graph=True)
-                reports.append(custom)
-            elif w_custom is not None:
-                raise ValueError("w_custom needs a custom_loss, given to the constructor")
-            self.reporter.report(*reports)
+            self.reporter.report(*iteration.backward())
             if n_print > 0 and it % n_print == 0:
                 self.reporter.print()
-            if any(torch.isnan(p.grad).any() for p in self.bg.parameters() if p.grad is not None):
-                print("found nan in grad; skipping optimization step")
-            else:
-                self.optim.step()
+            _step_unless_nan(self.optim, self.bg.parameters())
 
     def losses(self, n_smooth: int = 1):
         """The reporter's losses (see :meth:`LossReporter.losses`)."""
         return self.reporter.losses(n_smooth=n_smooth)
+
+
+def _as_sampler(data):
+    """A tensor becomes a :class:`DataSetSampler`; samplers and ``None`` pass through."""
+    return DataSetSampler(data) if isinstance(data, torch.Tensor) else data
+
+
+def _step_unless_nan(optim: torch.optim.Optimizer, parameters: Iterable) -> None:
+    """``optim.step()``, skipped (with bgflow's message) when a gradient contains NaN."""
+    if any(torch.isnan(p.grad).any() for p in parameters if p.grad is not None):
+        print("found nan in grad; skipping optimization step")
+    else:
+        optim.step()
+
+
+class _Iteration:
+    """The losses of one :meth:`KLTrainer.train` call: computed, back-propagated, reported.
+
+    Parameters
+    ----------
+    trainer : KLTrainer
+        Gives the generator, the custom loss, the default weights and which losses are
+        trained and tested.
+    data, testdata : torch.Tensor, Sampler or None
+        Training and test data.
+    batchsize : int
+        Samples per batch.
+    temperature : float
+        Relative temperature.
+    weights : tuple of (float or None, float or None, float or None)
+        ``(w_likelihood, w_energy, w_custom)`` as given to ``train``; ``None`` takes the
+        trainer's weight (the custom loss: off).
+    custom_loss_kwargs : dict
+        Keyword arguments of the custom loss.
+    """
+
+    def __init__(self, trainer: KLTrainer, data, testdata, batchsize: int, temperature: float,
+                 weights: tuple, custom_loss_kwargs: dict):
+        if trainer.train_likelihood and data is None:
+            raise ValueError("likelihood training needs data; pass data= to train()")
+        if trainer.custom_loss is None and weights[2] is not None:
+            raise ValueError("w_custom needs a custom_loss, given to the constructor")
+        self.trainer = trainer
+        self.data, self.testdata = _as_sampler(data), _as_sampler(testdata)
+        self.batchsize, self.temperature = batchsize, temperature
+        w_likelihood, w_energy, self.w_custom = weights
+        self.w_likelihood = trainer.w_likelihood if w_likelihood is None else w_likelihood
+        self.w_energy = trainer.w_energy if w_energy is None else w_energy
+        self.custom_loss_kwargs = custom_loss_kwargs
+
+    def backward(self) -> list:
+        """Back-propagate the weighted losses; return the values to report, in label order."""
+        trainer = self.trainer
+        reports = []
+        total = self.w_likelihood + self.w_energy
+        if trainer.train_energy:
+            kll = trainer.bg.kldiv(self.batchsize, temperature=self.temperature).mean()
+            reports.append(self._backward(kll, self.w_energy / total if self.w_energy > 0 else None))
+        if trainer.train_likelihood:
+            nll = self._nll(self.data)
+            reports.append(self._backward(nll, self.w_likelihood / total if self.w_likelihood > 0 else None))
+        if trainer.test_likelihood:
+            with torch.no_grad():
+                reports.append(torch.zeros(()) if self.testdata is None else self._nll(self.testdata))
+        if trainer.custom_loss is not None:
+            reports.append(self._custom())
+        return reports
+
+    def _nll(self, sampler) -> torch.Tensor:
+        batch = as_tuple(sampler.sample(self.batchsize))
+        return self.trainer.bg.energy(*batch, temperature=self.temperature).mean()
+
+    def _custom(self) -> torch.Tensor:
+        if self.w_custom is None:
+            return torch.tensor(float("nan"))
+        custom = self.trainer.custom_loss(**self.custom_loss_kwargs)
+        return self._backward(custom, self.w_custom)
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, weight: float | None) -> torch.Tensor:
+        if weight is not None:
+            (weight * loss).backward(retain_graph=True)
+        return loss

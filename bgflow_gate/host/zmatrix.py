@@ -227,9 +227,7 @@ def _check_placed_once(z: np.ndarray, n_atoms: int, given: Sequence[int]) -> Non
         )
 
 
-def validate_z_matrix(
-    z_matrix: ArrayLike, n_atoms: int, fixed_atoms: ArrayLike | None = None
-) -> np.ndarray:
+def validate_z_matrix(z_matrix: ArrayLike, n_atoms: int, fixed_atoms: ArrayLike | None = None) -> np.ndarray:
     """Check that a z-matrix places every atom exactly once, in some order.
 
     Parameters
@@ -252,13 +250,11 @@ def validate_z_matrix(
     ------
     ValueError
         Naming the offending row when: the shape is not ``[n_rows, 4]``; an index is out
-        of range; a row's references are not distinct (from each other and from its atom);
-        ``-1`` appears outside the initial rows of a global z-matrix, or not as trailing
-        entries; a global z-matrix does not have exactly one initial row with 3, 2 and 1
-        missing references, or its second and third atoms do not refer to the first two; an
-        atom is placed twice (by two rows, or by a row and ``fixed_atoms``); some atoms are
-        placed by nothing; some rows can never be placed (their references are never
-        placed, or the rows place each other in a cycle).
+        of range; a row's atoms are not distinct; ``-1`` appears outside the initial rows
+        of a global z-matrix, or not trailing; a global z-matrix lacks exactly one row with
+        3, 2 and 1 missing references, or its second and third atoms do not refer to the
+        first two; an atom is placed twice (by two rows, or by a row and ``fixed_atoms``)
+        or never; some rows can never be placed (a reference never placed, or a cycle).
 
     Notes
     -----
@@ -274,12 +270,11 @@ def validate_z_matrix(
     for r, row in enumerate(z.tolist()):
         _check_row_references(r, row, required[r])
     _check_placed_once(z, n_atoms, given)
-    if is_global:
-        if n_atoms >= 3:
-            initial, _, rows = split_global_z_matrix(z)
-            placement_stages(rows, initial)
-    else:
+    if not is_global:
         placement_stages(z, given)
+    elif n_atoms >= 3:
+        initial, _, rows = split_global_z_matrix(z)
+        placement_stages(rows, initial)
     return z
 
 
