@@ -26,7 +26,7 @@ import multiprocessing as mp
 import time
 import warnings
 import weakref
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ def _shutdown(processes, tasks) -> None:
             p.join(timeout=5)
 
 
-def fastest_platform(system, integrator, candidates: Optional[Sequence[str]] = None, n_calls: int = 20) -> dict:
+def fastest_platform(system, integrator, candidates: Sequence[str] | None = None, n_calls: int = 20) -> dict:
     """Seconds per energy+force evaluation on each platform; the fastest first.
 
     Parameters
@@ -151,6 +151,27 @@ def fastest_platform(system, integrator, candidates: Optional[Sequence[str]] = N
     if not timings:
         raise RuntimeError(f"none of the OpenMM platforms {names} could create a context")
     return dict(sorted(timings.items(), key=lambda kv: kv[1]))
+
+
+def _check_bridge_arguments(err_handling: str, n_workers: int, n_simulation_steps: int) -> None:
+    if err_handling not in ERR_HANDLING:
+        raise ValueError(f"err_handling must be one of {', '.join(ERR_HANDLING)}, got {err_handling!r}")
+    if not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be a positive whole number, got {n_workers!r}")
+    if not isinstance(n_simulation_steps, int) or n_simulation_steps < 0:
+        raise ValueError(f"n_simulation_steps must be a non-negative whole number, got {n_simulation_steps!r}")
+
+
+def _integrator_temperature(integrator) -> float:
+    """The integrator's temperature in K (it defines kT, the unit of the energies)."""
+    import openmm
+
+    if not hasattr(integrator, "getTemperature"):
+        raise ValueError(
+            f"the integrator ({type(integrator).__name__}) has no temperature, which defines "
+            f"kT, the unit of the energies; use a thermostatted one such as LangevinMiddleIntegrator"
+        )
+    return integrator.getTemperature().value_in_unit(openmm.unit.kelvin)
 
 
 class OpenMMBridge:
@@ -192,27 +213,16 @@ class OpenMMBridge:
         err_handling: str = "warning",
         n_workers: int = 1,
         n_simulation_steps: int = 0,
-        platform_properties: Optional[dict] = None,
+        platform_properties: dict | None = None,
     ):
         import openmm
 
-        if err_handling not in ERR_HANDLING:
-            raise ValueError(f"err_handling must be one of {', '.join(ERR_HANDLING)}, got {err_handling!r}")
-        if not isinstance(n_workers, int) or n_workers < 1:
-            raise ValueError(f"n_workers must be a positive whole number, got {n_workers!r}")
-        if not isinstance(n_simulation_steps, int) or n_simulation_steps < 0:
-            raise ValueError(f"n_simulation_steps must be a non-negative whole number, got {n_simulation_steps!r}")
+        _check_bridge_arguments(err_handling, n_workers, n_simulation_steps)
         self._system = openmm_system
         self._integrator = openmm_integrator
         self._n_atoms = openmm_system.getNumParticles()
-        if not hasattr(openmm_integrator, "getTemperature"):
-            raise ValueError(
-                f"the integrator ({type(openmm_integrator).__name__}) has no temperature, which defines "
-                f"kT, the unit of the energies; use a thermostatted one such as LangevinMiddleIntegrator"
-            )
-        temperature = openmm_integrator.getTemperature().value_in_unit(openmm.unit.kelvin)
-        self._kt = MOLAR_GAS_CONSTANT * temperature  # kJ/mol
-        self.temperature = temperature
+        self.temperature = _integrator_temperature(openmm_integrator)
+        self._kt = MOLAR_GAS_CONSTANT * self.temperature  # kJ/mol
         self._err_handling = err_handling
         self._n_simulation_steps = n_simulation_steps
         self.platform_timings: dict[str, float] = {}
@@ -220,38 +230,40 @@ class OpenMMBridge:
             self.platform_timings = fastest_platform(openmm_system, openmm_integrator)
             platform_name = next(iter(self.platform_timings))
         self.platform_name = platform_name
-        if platform_name in ("CUDA", "OpenCL"):
-            n_workers = 1
-        self.n_workers = n_workers
+        self.n_workers = 1 if platform_name in ("CUDA", "OpenCL") else n_workers
         properties = dict(platform_properties or {})
         if platform_name == "CPU" and "Threads" not in properties:
-            properties["Threads"] = str(max(1, mp.cpu_count() // n_workers))
-        system_xml = openmm.XmlSerializer.serialize(openmm_system)
-        integrator_xml = openmm.XmlSerializer.serialize(openmm_integrator)
+            properties["Threads"] = str(max(1, mp.cpu_count() // self.n_workers))
         self.n_failures = 0
-        self.last_energies: Optional[torch.Tensor] = None
-        self.last_forces: Optional[torch.Tensor] = None
+        self.last_energies: torch.Tensor | None = None
+        self.last_forces: torch.Tensor | None = None
         self._processes: list = []
         self._calls = 0
-        if n_workers == 1:
-            self._local = _Evaluator(system_xml, integrator_xml, platform_name, properties)
-            self._finalizer = None
-            return
         self._local = None
+        self._finalizer = None
+        context_args = (
+            openmm.XmlSerializer.serialize(openmm_system),
+            openmm.XmlSerializer.serialize(openmm_integrator),
+            platform_name,
+            properties,
+        )
+        if self.n_workers == 1:
+            self._local = _Evaluator(*context_args)
+        else:
+            self._start_workers(context_args)
+
+    def _start_workers(self, context_args: tuple) -> None:
+        """Start ``n_workers`` processes, each with its own context; wait until they run."""
         # fork (where available) starts workers without re-importing the caller's script,
         # so scripts without a __main__ guard and notebooks work; the workers use only OpenMM
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        for _ in range(n_workers):
-            p = ctx.Process(
-                target=_worker,
-                args=(self._tasks, self._results, system_xml, integrator_xml, platform_name, properties),
-                daemon=True,
-            )
+        for _ in range(self.n_workers):
+            p = ctx.Process(target=_worker, args=(self._tasks, self._results, *context_args), daemon=True)
             p.start()
             self._processes.append(p)
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._tasks)
-        for _ in range(n_workers):
+        for _ in range(self.n_workers):
             _, error = self._results.get(timeout=120)
             if error is not None:
                 self.close()
@@ -377,7 +389,7 @@ class OpenMMEnergy(Energy):
         Inputs shaped ``[..., n_atoms, 3]`` instead of ``[..., 3 * n_atoms]``.
     """
 
-    def __init__(self, dimension=None, bridge: Optional[OpenMMBridge] = None, two_event_dims: bool = False):
+    def __init__(self, dimension=None, bridge: OpenMMBridge | None = None, two_event_dims: bool = False):
         if bridge is None:
             raise ValueError("OpenMMEnergy needs bridge=OpenMMBridge(system, integrator, ...)")
         shape = [bridge.n_atoms, 3] if two_event_dims else [3 * bridge.n_atoms]
