@@ -206,13 +206,13 @@ class Progress:
         sys.stderr.flush()
 
 
-def _run_replica_exchange(settings: ReplicaExchangeSettings, progress: bool) -> Dataset:
+def _replica_contexts(system, settings: ReplicaExchangeSettings) -> list:
+    """One OpenMM context per temperature, all started from one energy-minimised structure."""
     import openmm
     from openmm import unit
 
     from ..host.openmm import fastest_platform
 
-    system = alanine_dipeptide(settings.solvent)
     temperatures = settings.temperatures
     integrators = [system.integrator(t, settings.friction, settings.timestep) for t in temperatures]
     platform_name = settings.platform
@@ -230,10 +230,60 @@ def _run_replica_exchange(settings: ReplicaExchangeSettings, progress: bool) -> 
             start_positions = context.getState(getPositions=True).getPositions(asNumpy=True)
         context.setVelocitiesToTemperature(t * unit.kelvin, settings.seed * 1000 + i + 1)
         contexts.append(context)
-    betas = 1.0 / (MOLAR_GAS_CONSTANT * temperatures)
-    rng = np.random.default_rng(settings.seed)
-    attempts = np.zeros(max(len(contexts) - 1, 1))
-    accepted = np.zeros_like(attempts)
+    return contexts
+
+
+class _Exchanges:
+    """Metropolis exchanges between neighbouring temperatures, even and odd pairs in turn.
+
+    Parameters
+    ----------
+    temperatures : numpy.ndarray
+        The ladder in K, coldest first.
+    seed : int
+        Seed of the acceptance draws.
+    """
+
+    def __init__(self, temperatures: np.ndarray, seed: int):
+        self.temperatures = temperatures
+        self.betas = 1.0 / (MOLAR_GAS_CONSTANT * temperatures)
+        self.rng = np.random.default_rng(seed)
+        self.attempts = np.zeros(max(len(temperatures) - 1, 1))
+        self.accepted = np.zeros_like(self.attempts)
+
+    def order(self, it: int, potentials: np.ndarray) -> list[int]:
+        """For each temperature, the replica whose state it takes after iteration ``it``."""
+        order = list(range(len(potentials)))
+        for i in range(it % 2, len(potentials) - 1, 2):
+            a, b = order[i], order[i + 1]
+            self.attempts[i] += 1
+            log_accept = (self.betas[i] - self.betas[i + 1]) * (potentials[a] - potentials[b])
+            if log_accept >= 0 or self.rng.random() < math.exp(log_accept):
+                self.accepted[i] += 1
+                order[i], order[i + 1] = b, a
+        return order
+
+    def swap(self, contexts: list, states: list, order: list[int]) -> None:
+        """Move the states into their new contexts, velocities rescaled to the temperature."""
+        for i, source in enumerate(order):
+            if source != i:
+                scale = math.sqrt(self.temperatures[i] / self.temperatures[source])
+                contexts[i].setPositions(states[source].getPositions(asNumpy=True))
+                contexts[i].setVelocities(states[source].getVelocities(asNumpy=True) * scale)
+
+    def acceptance(self) -> np.ndarray:
+        """Neighbour acceptance rates, ``[n_replicas - 1]``."""
+        if len(self.temperatures) == 1:
+            return np.zeros(0)
+        return self.accepted / np.maximum(self.attempts, 1)
+
+
+def _run_replica_exchange(settings: ReplicaExchangeSettings, progress: bool) -> Dataset:
+    from openmm import unit
+
+    system = alanine_dipeptide(settings.solvent)
+    contexts = _replica_contexts(system, settings)
+    exchanges = _Exchanges(settings.temperatures, settings.seed)
     total = settings.equilibration_iterations + settings.n_iterations
     frames = np.empty((settings.n_iterations, system.dim), dtype=np.float32)
     energies = np.empty(settings.n_iterations)
@@ -246,27 +296,14 @@ def _run_replica_exchange(settings: ReplicaExchangeSettings, progress: bool) -> 
             context.getIntegrator().step(settings.steps_per_iteration)
             states.append(context.getState(getPositions=True, getVelocities=True, getEnergy=True))
         potentials = np.array([s.getPotentialEnergy().value_in_unit(kj) for s in states])
-        order = list(range(len(contexts)))
-        for i in range(it % 2, len(contexts) - 1, 2):
-            a, b = order[i], order[i + 1]
-            attempts[i] += 1
-            log_accept = (betas[i] - betas[i + 1]) * (potentials[a] - potentials[b])
-            if log_accept >= 0 or rng.random() < math.exp(log_accept):
-                accepted[i] += 1
-                order[i], order[i + 1] = b, a
-        for i, source in enumerate(order):
-            if source != i:
-                scale = math.sqrt(temperatures[i] / temperatures[source])
-                contexts[i].setPositions(states[source].getPositions(asNumpy=True))
-                contexts[i].setVelocities(states[source].getVelocities(asNumpy=True) * scale)
+        order = exchanges.order(it, potentials)
+        exchanges.swap(contexts, states, order)
         if it >= settings.equilibration_iterations:
             k = it - settings.equilibration_iterations
-            coldest = order[0]
-            frames[k] = states[coldest].getPositions(asNumpy=True).value_in_unit(unit.nanometer).reshape(-1)
-            energies[k] = potentials[coldest]
+            frames[k] = states[order[0]].getPositions(asNumpy=True).value_in_unit(unit.nanometer).reshape(-1)
+            energies[k] = potentials[order[0]]
         bar.update(it + 1)
-    acceptance = accepted / np.maximum(attempts, 1) if len(contexts) > 1 else np.zeros(0)
-    return Dataset(frames, energies, settings, acceptance, time.perf_counter() - start)
+    return Dataset(frames, energies, settings, exchanges.acceptance(), time.perf_counter() - start)
 
 
 def generate_dataset(
