@@ -12,7 +12,9 @@ distance to ``bond_ref``, the angle ``atom-bond_ref-angle_ref`` and the dihedral
   reference); for ``GlobalInternalCoordinateTransformation``.
 
 Rows are ordered so that every reference is placed before it is used (by the fixed block
-or an earlier row).  :func:`validate_z_matrix` is the host's
+or an earlier row).  The references are chosen from the graph only; a torsion whose three
+reference atoms are collinear (e.g. along an alkyne) is ill-defined and should be avoided by
+hand.  :func:`validate_z_matrix` is the host's
 (:func:`bgflow_gate.host.zmatrix.validate_z_matrix`), the one rule of the package: like
 bgflow it accepts rows in any order that can be placed.
 
@@ -119,21 +121,16 @@ def _choose_references(graph: _Graph, atom: int, bond_ref: int, placed: set[int]
     return [angle_ref, graph.rank(others, near=angle_ref)[0]]
 
 
-def build_z_matrix(
-    n_atoms: int,
-    bonds: Iterable[Sequence[int]],
-    fixed_atoms: Sequence[int] | None = None,
-    heavy: Sequence[bool] | None = None,
-) -> np.ndarray:
+def build_z_matrix(n_atoms: int, bonds: Iterable[Sequence[int]], fixed_atoms: Sequence[int] | None = None,
+                   heavy: Sequence[bool] | None = None) -> np.ndarray:
     """Build a z-matrix from a molecule's bond graph.
 
     Atoms are placed breadth-first outward from the fixed block (or, for a global
-    z-matrix, from a central heavy atom), each bonded to its bond reference.  The angle
-    and torsion references continue the bonded chain ``atom-bond_ref-angle_ref-
-    torsion_ref`` where the graph allows; otherwise the torsion reference is another
-    placed neighbour of ``bond_ref`` (an improper torsion), and failing that any placed
-    atoms, closest in the graph first, always distinct.  Heavy atoms are preferred as
-    references and placed before hydrogens.
+    z-matrix, from a central heavy atom), each bonded to its bond reference.  The angle and
+    torsion references continue the bonded chain ``atom-bond_ref-angle_ref-torsion_ref``
+    where the graph allows; otherwise the torsion reference is another placed neighbour of
+    ``bond_ref`` (an improper torsion), and failing that any placed atoms, closest in the
+    graph first, always distinct.  Heavy atoms are preferred as references and placed first.
 
     Parameters
     ----------
@@ -161,12 +158,6 @@ def build_z_matrix(
         For invalid indices, fewer than 3 fixed atoms, a ``heavy`` of the wrong length, or
         atoms that are not connected by bonds to the fixed block / the rest of the
         molecule.
-
-    Notes
-    -----
-    The references are chosen from the graph only; a torsion whose three reference
-    atoms are collinear (e.g. along an alkyne) is ill-defined and should be avoided by
-    hand.
     """
     if isinstance(n_atoms, bool) or not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
@@ -176,12 +167,8 @@ def build_z_matrix(
         rows, order = [], check_fixed_atoms(fixed_atoms, n_atoms).tolist()
     else:
         rows, order = _global_initial_rows(graph)
-    rows += _rows_outward(graph, order)
-    placed = set(order) | {row[0] for row in rows}
-    unreached = sorted(set(range(n_atoms)) - placed)
-    if unreached:
-        start = "the fixed atoms" if fixed_atoms is not None else f"atom {order[0]}"
-        raise ValueError(f"atoms {unreached} are not connected by bonds to {start}")
+    start = "the fixed atoms" if fixed_atoms is not None else f"atom {order[0]}"
+    rows += _rows_outward(graph, order, start)
     z = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     return validate_z_matrix(z, n_atoms, fixed_atoms)
 
@@ -209,8 +196,9 @@ def _global_initial_rows(graph: _Graph) -> tuple[list[list[int]], list[int]]:
     return rows, order
 
 
-def _rows_outward(graph: _Graph, start: list[int]) -> list[list[int]]:
-    """Rows for every atom reachable from ``start``, breadth-first along the bonds."""
+def _rows_outward(graph: _Graph, start: list[int], name: str) -> list[list[int]]:
+    """Rows for every atom, breadth-first along the bonds from the placed atoms ``start``
+    (``name`` says what they are); an error names the atoms that cannot be reached."""
     rows = []
     placed = set(start)
     queue = deque(start)
@@ -220,6 +208,9 @@ def _rows_outward(graph: _Graph, start: list[int]) -> list[list[int]]:
             rows.append([atom, bond_ref, *_choose_references(graph, atom, bond_ref, placed)])
             placed.add(atom)
             queue.append(atom)
+    unreached = sorted(set(range(graph.n)) - placed)
+    if unreached:
+        raise ValueError(f"atoms {unreached} are not connected by bonds to {name}")
     return rows
 
 
