@@ -73,6 +73,15 @@ def test_bg_forwards_attributes_to_the_resolved_host():
         bg.NoSuchFlow
 
 
+def test_bg_utils_as_numpy_works_on_either_host_as_in_bgflow():
+    import numpy as np
+    import torch
+
+    out = bg.utils.as_numpy(torch.tensor([1.5, 2.5], requires_grad=True))
+    assert isinstance(out, np.ndarray) and out.tolist() == [1.5, 2.5]
+    assert bg.utils.as_numpy(2.0).dtype == np.float32  # a Python float goes through torch
+
+
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],

@@ -274,12 +274,15 @@ def test_split_flow_by_indices_takes_entries_in_the_given_order():
     assert torch.equal(merged, x)
 
 
-def test_split_flow_along_another_dimension_keeps_leading_dims_as_batch():
+def test_split_flow_along_another_dimension_gives_bgflows_dlogp_shape():
+    # bgflow: the input's shape with the split dimension reduced to 1
     x = torch.arange(24.0).reshape(2, 4, 3)
     a, b, dlogp = SplitFlow(1, dim=1)(x)
-    assert a.shape == (2, 1, 3) and b.shape == (2, 3, 3) and dlogp.shape == (2, 1)
+    assert a.shape == (2, 1, 3) and b.shape == (2, 3, 3) and dlogp.shape == (2, 1, 3)
     back, dlogp = SplitFlow(1, dim=1)(a, b, inverse=True)
-    assert torch.equal(back, x) and dlogp.shape == (2, 1)
+    assert torch.equal(back, x) and dlogp.shape == (2, 1, 3)
+    *_, dlogp = SplitFlow(2, dim=0)(torch.zeros(3, 4))
+    assert dlogp.shape == (1, 4) and float(dlogp.abs().sum()) == 0.0
 
 
 def test_split_flow_sizes_longer_than_the_input_are_an_error():
@@ -293,6 +296,7 @@ def test_split_flow_sizes_longer_than_the_input_are_an_error():
         (([0, 1], [1, 2]), "overlap"),
         (([0, 0], [1]), "overlap"),
         (([0, 1], [3]), "missing \\[2\\]"),
+        (([0], [2]), r"must cover 0 \.\. 2 without gaps; missing \[1\]"),
         (([0, 1], 2), "not a mixture"),
         ((), "at least one"),
         ((2, -1), "non-negative"),

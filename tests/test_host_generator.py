@@ -106,6 +106,22 @@ def test_dataset_sampler_returns_tuples_for_several_tensors_and_resumes_from_its
     assert all((e == r).all() for e, r in zip(expected, restored.sample(3)))
 
 
+def test_dataset_sampler_resize_draws_entries_with_replacement_as_bgflow():
+    a, b = torch.arange(4.0).unsqueeze(1), torch.arange(4.0).unsqueeze(1) * 10
+    sampler = DataSetSampler(a, b, generator=torch.Generator().manual_seed(3))
+    indices = sampler.resize_(7)
+    assert len(sampler) == 7 and indices.shape == (7,) and set(indices.tolist()) <= {0, 1, 2, 3}
+    assert sampler.data[0].flatten().tolist() == [float(i) for i in indices]
+    assert (sampler.data[1] == 10 * sampler.data[0]).all()  # the tensors stay paired
+    assert sorted(torch.cat([sampler.sample(4)[0], sampler.sample(3)[0]]).flatten().tolist()) == sorted(
+        float(i) for i in indices
+    )  # one pass visits each new entry once
+    assert sampler.resize_(2).shape == (2,) and len(sampler) == 2
+    assert sampler.resize_(2).tolist() == [0, 1]  # the same size changes nothing
+    with pytest.raises(ValueError, match="positive integer"):
+        sampler.resize_(0)
+
+
 def test_dataset_sampler_rejects_unequal_or_empty_data():
     with pytest.raises(ValueError, match="same length"):
         DataSetSampler(torch.zeros(3, 1), torch.zeros(4, 1))

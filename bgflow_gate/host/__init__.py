@@ -29,6 +29,7 @@ from .ic import GlobalInternalCoordinateTransformation, MixedCoordinateTransform
 from .nn import DenseNet
 from .splines import ConditionalSplineTransformer
 from .training import KLTrainer, LossReporter
+from . import utils  # bgflow.utils (as_numpy)
 
 __all__ = [
     "Energy",
@@ -58,6 +59,7 @@ __all__ = [
     "LossReporter",
     "OpenMMBridge",
     "OpenMMEnergy",
+    "utils",
 ]
 
 # OpenMM is optional and slow to import: its classes load on first use.

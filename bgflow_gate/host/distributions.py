@@ -8,18 +8,19 @@ whose ``energy`` is its negative log density.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .energy import Energy
 
 __all__ = ["Sampler", "NormalDistribution", "DataSetSampler", "as_tuple", "unpack"]
 
-Samples = Union[torch.Tensor, tuple]
+Samples = torch.Tensor | tuple
 
 
-def as_tuple(x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> tuple:
+def as_tuple(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
     """A tensor as a one-element tuple; a sequence of tensors as a tuple."""
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
@@ -77,7 +78,7 @@ class NormalDistribution(Energy, Sampler):
     ``0.5 |L^-1 (x - mean)|^2 / T + dim/2 log(2 pi T) + 1/2 log det cov``.
     """
 
-    def __init__(self, dim: int, mean: Optional[torch.Tensor] = None, cov: Optional[torch.Tensor] = None):
+    def __init__(self, dim: int, mean: torch.Tensor | None = None, cov: torch.Tensor | None = None):
         super().__init__(dim=dim)
         n = self.dim
         if mean is None:
@@ -156,7 +157,7 @@ class DataSetSampler(Sampler):
         device=None,
         dtype=None,
         return_hook: Callable = lambda x: x,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__(return_hook=return_hook)
         if not data:
@@ -200,6 +201,33 @@ class DataSetSampler(Sampler):
         self._order = self._new_order()
         self._position = 0
         return self
+
+    def resize_(self, new_size: int) -> np.ndarray:
+        """Resize the data set in place to ``new_size`` entries drawn with replacement.
+
+        Growing repeats random entries, shrinking drops random ones (bgflow's behaviour);
+        the data are then visited in a new order from the start. Resizing to the current
+        size changes nothing.
+
+        Parameters
+        ----------
+        new_size : int
+            The new number of entries (positive).
+
+        Returns
+        -------
+        np.ndarray
+            The indices of the old entries that make up the new data set
+            (``arange(len(self))`` when the size is unchanged).
+        """
+        if isinstance(new_size, bool) or not isinstance(new_size, (int, np.integer)) or new_size < 1:
+            raise ValueError(f"new_size must be a positive integer, got {new_size!r}")
+        if new_size == len(self):
+            return np.arange(len(self))
+        indices = torch.randint(len(self), (int(new_size),), generator=self._generator)
+        self.data = [d[indices.to(d.device)] for d in self.data]
+        self.reshuffle_()
+        return indices.numpy()
 
     def get_extra_state(self) -> dict:
         return {"order": self._order.clone(), "position": self._position}

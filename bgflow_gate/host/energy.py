@@ -8,13 +8,13 @@ any number of leading batch dimensions; ``energy`` returns a tensor shaped
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 
 __all__ = ["Energy", "DoubleWellEnergy"]
 
-Dim = Union[int, Sequence[int], Sequence[Sequence[int]]]
+Dim = int | Sequence[int] | Sequence[Sequence[int]]
 
 
 def _is_int(x) -> bool:
@@ -122,8 +122,8 @@ class Energy(torch.nn.Module):
         self,
         *xs: torch.Tensor,
         temperature: float = 1.0,
-        ignore_indices: Optional[Sequence[int]] = None,
-        no_grad: Union[bool, Sequence[int]] = False,
+        ignore_indices: Sequence[int] | None = None,
+        no_grad: bool | Sequence[int] = False,
         **kwargs,
     ):
         """Forces ``-dE/dx`` for every input.

@@ -31,7 +31,7 @@ True
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ __all__ = [
 Conditioner = Callable[..., torch.Tensor]
 
 
-def _zero_dlogp(x: torch.Tensor, n_batch_dims: Optional[int] = None) -> torch.Tensor:
+def _zero_dlogp(x: torch.Tensor, n_batch_dims: int | None = None) -> torch.Tensor:
     """Zeros of shape ``[*batch, 1]`` where ``batch`` is the leading ``n_batch_dims`` of
     ``x`` (all but the last dimension by default)."""
     if n_batch_dims is None:
@@ -183,7 +183,7 @@ class SequentialFlow(Flow):
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def __getitem__(self, index: Union[int, slice, Sequence[int]]):
+    def __getitem__(self, index: int | slice | Sequence[int]):
         """A single block for an integer index, a new ``SequentialFlow`` (sharing the
         blocks) for a slice or a sequence of integers."""
         if _is_int(index):
@@ -230,13 +230,18 @@ def _parse_split_indices(items: Sequence) -> list[list[int]]:
                 f"split indices must not overlap; index(es) {repeated} occur more than once"
             )
         seen.update(indices)
-    missing = sorted(set(range(len(seen))) - seen)
+    last = max(seen, default=-1)
+    missing = sorted(set(range(last + 1)) - seen)
     if missing:
-        raise ValueError(
-            f"split indices must cover 0 .. {len(seen) - 1} without gaps; "
-            f"missing {missing}"
-        )
+        raise ValueError(f"split indices must cover 0 .. {last} without gaps; missing {missing}")
     return index_lists
+
+
+def _zeros_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zeros shaped like ``x`` with dimension ``dim`` reduced to 1 (a split's ``dlogp``)."""
+    shape = list(x.shape)
+    shape[dim] = 1
+    return x.new_zeros(shape)
 
 
 class SplitFlow(Flow):
@@ -251,8 +256,7 @@ class SplitFlow(Flow):
         ``0 .. n-1``; each piece takes the input's entries at its indices, in the order
         given.
     dim : int
-        The dimension along which to split. All dimensions before it are batch
-        dimensions.
+        The dimension along which to split.
 
     Raises
     ------
@@ -264,10 +268,12 @@ class SplitFlow(Flow):
 
     Notes
     -----
-    Splitting is a permutation of the coordinates, so ``dlogp`` is zero.
+    Splitting is a permutation of the coordinates, so ``dlogp`` is zero. Its shape is
+    bgflow's: the input's shape with the split dimension reduced to 1 (``[*batch, 1]``
+    along the last dimension; ``[1, 4]`` for a ``[3, 4]`` input split along ``dim=0``).
     """
 
-    def __init__(self, *sizes_or_indices: Union[int, Sequence[int]], dim: int = -1):
+    def __init__(self, *sizes_or_indices: int | Sequence[int], dim: int = -1):
         super().__init__()
         if len(sizes_or_indices) == 0:
             raise ValueError("SplitFlow needs at least one size or one list of indices")
@@ -327,7 +333,7 @@ class SplitFlow(Flow):
         if self._indices is not None:
             x = x.index_select(dim, self._order.to(x.device))
         pieces = torch.split(x, sizes, dim=dim)
-        return (*pieces, _zero_dlogp(x, dim))
+        return (*pieces, _zeros_along(x, dim))
 
     def _inverse(self, *xs: torch.Tensor, **kwargs):
         dim = self._dim(xs[0])
@@ -335,7 +341,7 @@ class SplitFlow(Flow):
         if self._indices is not None:
             self._piece_sizes(y.shape[dim])
             y = y.index_select(dim, self._inverse_order.to(y.device))
-        return y, _zero_dlogp(y, dim)
+        return y, _zeros_along(y, dim)
 
 
 class MergeFlow(InverseFlow):
@@ -350,7 +356,7 @@ class MergeFlow(InverseFlow):
         The dimension along which to concatenate.
     """
 
-    def __init__(self, *sizes: Union[int, Sequence[int]], dim: int = -1):
+    def __init__(self, *sizes: int | Sequence[int], dim: int = -1):
         super().__init__(SplitFlow(*sizes, dim=dim))
 
 
@@ -512,8 +518,8 @@ class AffineTransformer(Transformer):
 
     def __init__(
         self,
-        shift_transformation: Optional[Conditioner] = None,
-        scale_transformation: Optional[Conditioner] = None,
+        shift_transformation: Conditioner | None = None,
+        scale_transformation: Conditioner | None = None,
         init_downscale: float = 1.0,
         preserve_volume: bool = False,
         is_circular: bool = False,

@@ -7,7 +7,6 @@ A Boltzmann generator pushes prior samples ``z`` through a flow to ``x``; the fl
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ class BoltzmannGenerator(Energy, Sampler):
         The target energy (reduced units), used by ``kldiv`` and the weights.
     """
 
-    def __init__(self, prior, flow, target: Optional[Energy]):
+    def __init__(self, prior, flow, target: Energy | None):
         shapes = target.event_shapes if target is not None else prior.event_shapes
         super().__init__([list(s) for s in shapes] if len(shapes) > 1 else list(shapes[0]))
         self._prior = prior

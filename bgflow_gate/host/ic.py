@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .flows import Flow
 from .zmatrix import (
+    ArrayLike,
     as_index_array,
     as_z_matrix_array,
     placement_stages,
@@ -70,8 +71,6 @@ __all__ = [
     "place_atoms",
     "placement_stages",
 ]
-
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 _LOG_PI = math.log(math.pi)
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -700,10 +699,10 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
 
     def __init__(
         self,
-        data: Union[torch.Tensor, np.ndarray],
+        data: torch.Tensor | np.ndarray,
         z_matrix: ArrayLike,
         fixed_atoms: ArrayLike,
-        keepdims: Optional[int] = None,
+        keepdims: int | None = None,
         normalize_angles: bool = True,
         eps: float = 1e-7,
         enforce_boundaries: bool = True,

@@ -6,7 +6,7 @@ conditioner of coupling layers, is provided.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from .energy import _is_int
 
 __all__ = ["DenseNet"]
 
-Activation = Optional[Union[torch.nn.Module, Sequence[Optional[torch.nn.Module]]]]
+Activation = torch.nn.Module | Sequence[torch.nn.Module | None] | None
 
 
 def _check_units(n_units: Sequence[int]) -> list[int]:

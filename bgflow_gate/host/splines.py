@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +197,7 @@ class ConditionalSplineTransformer(Transformer):
     def __init__(
         self,
         params_net: Callable[[torch.Tensor], torch.Tensor],
-        is_circular: Union[bool, Sequence[bool], torch.Tensor] = False,
+        is_circular: bool | Sequence[bool] | torch.Tensor = False,
         left: float = 0.0,
         right: float = 1.0,
         bottom: float = 0.0,

@@ -25,7 +25,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ __all__ = [
     "split_global_z_matrix",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+ArrayLike = np.ndarray | torch.Tensor | Sequence
 
 
 def as_index_array(values: ArrayLike, name: str) -> np.ndarray:
