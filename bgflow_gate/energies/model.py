@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import Layout
+from .layout import Layout, PairAtomMap
 from .terms import angle_energy, bond_energy, obc_energy, pair_energy, torsion_energy
 
 __all__ = ["FORMAT", "TERMS", "SystemModel"]
@@ -58,6 +58,19 @@ def _cast(term: dict, device: torch.device, dtype: torch.dtype) -> dict[str, tor
     }
 
 
+def _obc_pairs(gb: dict[str, torch.Tensor], n_atoms: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The OBC model's per-pair parameters and pair / atom maps, for all pairs ``i < j``."""
+    i, j = torch.triu_indices(n_atoms, n_atoms, 1, device=device)
+    pair_map = PairAtomMap(i, j, n_atoms, device, dtype)
+    offset_radius, scaled, charge = gb["offset_radius"], gb["scaled_radius"], gb["charge"]
+    return {
+        "offset_radius_i": offset_radius[i], "offset_radius_j": offset_radius[j],
+        "scaled_radius_i": scaled[i], "scaled_radius_j": scaled[j],
+        "charge_ij": charge[i] * charge[j],
+        "to_atoms": pair_map.to_atoms, "to_pairs": pair_map.to_pairs,
+    }
+
+
 class SystemModel:
     """The energy (kJ/mol) of a batch of configurations of one system.
 
@@ -74,8 +87,7 @@ class SystemModel:
         self.layout = Layout(self.n_atoms, _segments(parameters)).to(torch.device(device), dtype)
         self.terms = {name: _cast(parameters[name], device, dtype) for name in TERMS if name in parameters}
         if "obc" in self.terms:
-            i, j = torch.triu_indices(self.n_atoms, self.n_atoms, 1, device=device)
-            self.terms["obc"].update(pair_i=i, pair_j=j)
+            self.terms["obc"].update(_obc_pairs(self.terms["obc"], self.n_atoms, torch.device(device), dtype))
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
         """Energies ``[batch]`` in kJ/mol of positions ``[batch, n_atoms, 3]`` in nm."""
@@ -93,5 +105,5 @@ class SystemModel:
         if "pairs" in t:
             energy = energy + pair_energy(v["pairs"], t["pairs"]["qq"], t["pairs"]["c12"], t["pairs"]["c6"])
         if "obc" in t:
-            energy = energy + obc_energy(v["obc"], t["obc"], self.n_atoms)
+            energy = energy + obc_energy(v["obc"], t["obc"])
         return energy

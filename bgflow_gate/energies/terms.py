@@ -1,9 +1,9 @@
 """The energy terms of an OpenMM system as batched tensor functions (kJ/mol, nm, radians).
 
-Every function takes difference vectors shaped ``[batch, 3, n]`` (one column per bond,
-angle leg, torsion leg or atom pair, as :class:`~bgflow_gate.energies.layout.Layout` makes
-them) and per-term parameters shaped ``[n]``, and returns the term's energy per sample,
-``[batch]``. The formulas are OpenMM's:
+Every function takes difference vectors as their components ``(x, y, z)``, each
+``[batch, n]`` (one column per bond, angle leg, torsion leg or atom pair, as
+:class:`~bgflow_gate.energies.layout.Layout` makes them) and per-term parameters shaped
+``[n]``, and returns the term's energy per sample, ``[batch]``. The formulas are OpenMM's:
 
 * ``HarmonicBondForce``: ``k / 2 (r - r0)^2``;
 * ``HarmonicAngleForce``: ``k / 2 (theta - theta0)^2``;
@@ -20,51 +20,48 @@ import torch
 
 __all__ = ["bond_energy", "angle_energy", "torsion_energy", "pair_energy", "obc_energy"]
 
-
-def _norm(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm over the coordinate axis (dim 1); its gradient at 0 is 0, not NaN."""
-    return torch.linalg.vector_norm(v, dim=1)
+Vectors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def bond_energy(v: torch.Tensor, length: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _dot(a: Vectors, b: Vectors) -> torch.Tensor:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _cross(a: Vectors, b: Vectors) -> Vectors:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def bond_energy(v: Vectors, length: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Harmonic bonds: ``sum k / 2 (|v| - length)^2`` over the columns of ``v``."""
-    stretch = _norm(v) - length
+    stretch = _dot(v, v).sqrt() - length
     return (stretch * stretch) @ (0.5 * k)
 
 
-def angle_energy(a: torch.Tensor, b: torch.Tensor, theta0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def angle_energy(a: Vectors, b: Vectors, theta0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Harmonic angles between the legs ``a`` (atom 1 to 0) and ``b`` (atom 1 to 2)."""
-    cross = torch.linalg.cross(a, b, dim=1)
-    theta = torch.atan2(_norm(cross), (a * b).sum(1))
+    normal = _cross(a, b)
+    theta = torch.atan2(_dot(normal, normal).sqrt(), _dot(a, b))
     bend = theta - theta0
     return (bend * bend) @ (0.5 * k)
 
 
-def torsion_energy(
-    b1: torch.Tensor,
-    b2: torch.Tensor,
-    b3: torch.Tensor,
-    periodicity: torch.Tensor,
-    phase: torch.Tensor,
-    k: torch.Tensor,
-) -> torch.Tensor:
+def torsion_energy(b1: Vectors, b2: Vectors, b3: Vectors, periodicity: torch.Tensor, phase: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Periodic torsions of the bond vectors ``b1 = x1 - x0``, ``b2 = x2 - x1``, ``b3 = x3 - x2``.
 
     The dihedral is IUPAC's (trans = pi), the same sign convention as OpenMM's.
     """
-    n1 = torch.linalg.cross(b1, b2, dim=1)
-    n2 = torch.linalg.cross(b2, b3, dim=1)
-    phi = torch.atan2(_norm(b2) * (b1 * n2).sum(1), (n1 * n2).sum(1))
-    return (1 + torch.cos(periodicity * phi - phase)) @ k
+    n1, n2 = _cross(b1, b2), _cross(b2, b3)
+    phi = torch.atan2(_dot(b2, b2).sqrt() * _dot(b1, n2), _dot(n1, n2))
+    return torch.cos(periodicity * phi - phase) @ k + k.sum()
 
 
-def pair_energy(v: torch.Tensor, qq: torch.Tensor, c12: torch.Tensor, c6: torch.Tensor) -> torch.Tensor:
+def pair_energy(v: Vectors, qq: torch.Tensor, c12: torch.Tensor, c6: torch.Tensor) -> torch.Tensor:
     """Lennard-Jones and Coulomb: ``c12 / r^12 - c6 / r^6 + qq / r`` summed over the pairs.
 
     ``c12 = 4 eps sigma^12``, ``c6 = 4 eps sigma^6``, ``qq`` = Coulomb's constant times the
     charge product, per pair.
     """
-    inv_r2 = (v * v).sum(1).reciprocal()
+    inv_r2 = _dot(v, v).reciprocal()
     inv_r6 = inv_r2 * inv_r2 * inv_r2
     return (inv_r6 * inv_r6) @ c12 - inv_r6 @ c6 + inv_r2.sqrt() @ qq
 
@@ -82,41 +79,40 @@ def _descreening(r: torch.Tensor, offset_radius: torch.Tensor, scaled_radius: to
     return torch.where(r + scaled_radius >= offset_radius, value, torch.zeros_like(value))
 
 
-def _born_radii(r: torch.Tensor, gb: dict[str, torch.Tensor], n_atoms: int) -> torch.Tensor:
+def _born_radii(r: torch.Tensor, gb: dict[str, torch.Tensor]) -> torch.Tensor:
     """OBC effective Born radii ``[batch, n_atoms]`` from all pair distances ``r`` ``[batch, n_pairs]``."""
-    i, j = gb["pair_i"], gb["pair_j"]
-    offset_radius, scaled = gb["offset_radius"], gb["scaled_radius"]
-    both = torch.cat([r, r], dim=1)
-    integrals = _descreening(
-        both, torch.cat([offset_radius[i], offset_radius[j]]), torch.cat([scaled[j], scaled[i]])
-    )
-    total = torch.zeros(r.shape[0], n_atoms, dtype=r.dtype, device=r.device)
-    total = total.index_add(1, torch.cat([i, j]), integrals)
+    integral_i = _descreening(r, gb["offset_radius_i"], gb["scaled_radius_j"])  # what j takes from i
+    integral_j = _descreening(r, gb["offset_radius_j"], gb["scaled_radius_i"])
+    total = gb["to_atoms"](integral_i, integral_j)
+    offset_radius = gb["offset_radius"]
     psi = total * offset_radius
     alpha, beta, gamma = gb["alpha"], gb["beta"], gb["gamma"]
     radius = offset_radius + gb["offset"]
     return (offset_radius.reciprocal() - torch.tanh(psi * (alpha - psi * (beta - gamma * psi))) / radius).reciprocal()
 
 
-def obc_energy(v: torch.Tensor, gb: dict[str, torch.Tensor], n_atoms: int) -> torch.Tensor:
+def obc_energy(v: Vectors, gb: dict) -> torch.Tensor:
     """OBC generalized Born (``GBSAOBC1Force`` / ``GBSAOBC2Force``, no cutoff, no salt).
 
-    ``v``: difference vectors of every atom pair ``gb["pair_i"] < gb["pair_j"]``. ``gb``
-    holds per-atom ``charge``, ``offset_radius`` (OpenMM's ``or``), ``scaled_radius``
-    (``sr``), the tanh coefficients ``alpha, beta, gamma``, ``offset``, ``prefactor``
-    (``-138.935485 (1/soluteDielectric - 1/solventDielectric)``) and ``surface``
-    (the ACE surface term's 28.3919551, or 0 without it).
+    ``v``: difference vectors of every atom pair ``i < j``. ``gb`` holds per-atom
+    ``charge``, ``offset_radius`` (OpenMM's ``or``), ``scaled_radius`` (``sr``), their
+    values per pair (``offset_radius_i``, ``scaled_radius_j``, ... ), the charge products
+    ``charge_ij``, the tanh coefficients ``alpha, beta, gamma``, ``offset``, ``prefactor``
+    (``-138.935485 (1/soluteDielectric - 1/solventDielectric)``), ``surface`` (the ACE
+    surface term's 28.3919551, or 0 without it), and two functions: ``to_atoms(a_i, a_j)``
+    sums pair values ``[batch, n_pairs]`` onto atoms i and j, ``to_pairs(a)`` gives an atom
+    value ``[batch, n_atoms]`` at both atoms of every pair.
     """
-    r2 = (v * v).sum(1)
-    r = r2.sqrt()
-    born = _born_radii(r, gb, n_atoms)
+    r2 = _dot(v, v)
+    born = _born_radii(r2.sqrt(), gb)
     charge = gb["charge"]
     inv_born = born.reciprocal()
     self_energy = inv_born @ (0.5 * gb["prefactor"] * charge * charge)
     radius = gb["offset_radius"] + gb["offset"]
     ratio3 = (radius * inv_born) ** 3
     surface = (ratio3 * ratio3) @ (gb["surface"] * (radius + 0.14) ** 2)
-    bb = born.index_select(1, gb["pair_i"]) * born.index_select(1, gb["pair_j"])
-    f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
-    pair = f.reciprocal() @ (gb["prefactor"] * charge[gb["pair_i"]] * charge[gb["pair_j"]])
+    born_i, born_j = gb["to_pairs"](born)
+    bb = born_i * born_j
+    f = torch.sqrt(r2 + bb * torch.exp(-0.25 * r2 / bb))
+    pair = f.reciprocal() @ (gb["prefactor"] * gb["charge_ij"])
     return self_energy + surface + pair
