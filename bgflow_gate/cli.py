@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
-from typing import Optional, Sequence
+import warnings
+from collections.abc import Sequence
 
 from . import __version__
 from .config import DEFAULT_CONFIG, ConfigError, data_settings, experiment_schedule, load_experiments
@@ -45,6 +48,11 @@ _SCHEDULE_OPTIONS = {
 }
 
 
+class ChecksFailed(Exception):
+    """A command ran, but what it checked has problems: its report is printed and the exit
+    status is 1."""
+
+
 def _epoch_list(text: str) -> list[float]:
     try:
         return [float(item) for item in text.split(",") if item.strip()]
@@ -54,76 +62,76 @@ def _epoch_list(text: str) -> list[float]:
         ) from None
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {text!r}")
+    return int(text)
+
+
 def _experiment_options(parser: argparse.ArgumentParser, quiet: str) -> None:
-    """The options of the commands that run an experiment: which one, where its data are cached."""
+    """The options of the commands that run an experiment: which one, where its data are
+    cached, how many threads, how much output."""
     parser.add_argument("--experiment", required=True, help="experiment name in the experiments file")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiments file (default: %(default)s)")
-    parser.add_argument("--data-dir", default="data", help="data cache directory (default: %(default)s)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="experiments file (default: the one shipped with the package)")
+    parser.add_argument("--data-dir", help="data cache directory (default: $BGFLOW_GATE_DATA_DIR, else the "
+                                           "per-user cache, e.g. ~/.cache/bgflow-gate/data)")
+    parser.add_argument("--threads", type=_thread_count,
+                        help="CPU threads for torch and OpenMM (default: $OMP_NUM_THREADS, else every core); "
+                             "on a shared node, the cores you were given")
     parser.add_argument("--quiet", action="store_true", help=quiet)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bgflow-gate",
-        description="Epoch-scheduled energy gating for bgflow Boltzmann generators.",
-    )
-    parser.add_argument("--version", action="version", version=f"bgflow-gate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_schedule(sub) -> None:
     sched = sub.add_parser(
-        "schedule",
-        help="print an E_max schedule as a table",
+        "schedule", help="print an E_max schedule as a table",
         description=(
             "Print an E_max schedule: its stages and E_max (kJ/mol) at chosen epochs. "
             "Without options: the default three-stage schedule. Options override the "
             "values of the experiment's (or the default) schedule."
         ),
     )
-    sched.add_argument("--experiment", help="take the schedule of this experiment")
-    sched.add_argument(
-        "--config",
-        default=str(DEFAULT_CONFIG),
-        help="experiments file for --experiment (default: %(default)s)",
-    )
-    sched.add_argument(
-        "--type", choices=sorted(SCHEDULE_TYPES), help="schedule type (default: three_stage)"
-    )
+    sched.add_argument("--experiment", help="take the schedule of this experiment (or schedule preset)")
+    sched.add_argument("--config", default=str(DEFAULT_CONFIG),
+                       help="experiments file for --experiment (default: the one shipped with the package)")
+    sched.add_argument("--type", choices=sorted(SCHEDULE_TYPES), help="schedule type (default: three_stage)")
     sched.add_argument("--e-initial", type=float, help="E_max at the start, kJ/mol")
     sched.add_argument("--e-final", type=float, help="E_max at the end, kJ/mol")
     sched.add_argument("--hold-epochs", type=float, help="three_stage: end of stage 1")
     sched.add_argument("--warmup-epochs", type=float, help="three_stage: end of stage 2")
     sched.add_argument("--epochs", type=float, help="linear: length of the descent")
     sched.add_argument("--value", type=float, help="constant: E_max, kJ/mol")
-    sched.add_argument(
-        "--at", type=_epoch_list, help="epochs to tabulate, comma-separated (default: stage boundaries and 25/50/75 %%)"
-    )
+    sched.add_argument("--at", type=_epoch_list,
+                       help="epochs to tabulate, comma-separated (default: stage boundaries and 25/50/75 %%)")
     sched.add_argument("--temperature", type=float, help="also show E_max in kT at this temperature (K)")
     sched.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sched.set_defaults(func=_cmd_schedule)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser(
-        "data",
-        help="generate an experiment's training data (replica exchange), or load it from the cache",
+        "data", help="generate an experiment's training data (replica exchange), or load it from the cache",
         description=(
             "Run the replica exchange of the experiment's data section (alanine dipeptide, OpenMM), "
             "keep the coldest replica's frames, store them in the cache and check them. A second "
-            "call with the same settings loads the cached file."
+            "call with the same settings loads the cached file. Exit status 1 when a check fails."
         ),
     )
     _experiment_options(data, quiet="no progress line")
     data.set_defaults(func=_cmd_data)
-
-    check = sub.add_parser("check-data", help="check a dataset file", description="Check a dataset file.")
+    check = sub.add_parser("check-data", help="check a dataset file",
+                           description="Check a dataset file; exit status 1 when a check fails.")
     check.add_argument("path", help="a .npz file written by 'bgflow-gate data'")
     check.set_defaults(func=_cmd_check_data)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser(
-        "train",
-        help="train a Boltzmann generator for alanine dipeptide end to end",
+        "train", help="train a Boltzmann generator for alanine dipeptide end to end",
         description=(
-            "Data (replica exchange, cached) -> spline generator on internal coordinates -> NLL stage -> "
-            "mixed NLL+KL stage with the energy gate, beside an NLL-only control of equal length -> "
-            "evaluation against MD -> summary.json and plots in the run directory."
+            "Data (replica exchange, cached, checked) -> spline generator on internal coordinates -> "
+            "NLL stage -> mixed NLL+KL stage with the energy gate, beside an NLL-only control of equal "
+            "length -> evaluation against MD -> summary.json and plots in the run directory."
         ),
     )
     _experiment_options(train, quiet="no progress line, no per-epoch lines")
@@ -132,53 +140,95 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/EXPERIMENT)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.set_defaults(func=_cmd_train)
-
     report = sub.add_parser("report", help="re-draw the plots of a run and print its metrics",
                             description="Re-draw the plots of a finished 'bgflow-gate train' run.")
     report.add_argument("run_dir", help="the run directory")
     report.set_defaults(func=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bgflow-gate`` argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="bgflow-gate", description="Epoch-scheduled energy gating for bgflow Boltzmann generators."
+    )
+    parser.add_argument("--version", action="version", version=f"bgflow-gate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_schedule, _add_data, _add_train):
+        add(sub)
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> Optional[str]:
+def _configure_threads(requested: int | None) -> int:
+    """Use ``requested`` CPU threads for torch and OpenMM (default: ``$OMP_NUM_THREADS``, which
+    torch reads at start-up, else torch's default); returns the number used."""
+    import torch
+
+    if requested is not None:
+        torch.set_num_threads(requested)
+        os.environ["OMP_NUM_THREADS"] = str(requested)  # child processes (OpenMM workers, torchrun)
+    threads = torch.get_num_threads()
+    os.environ.setdefault("OPENMM_CPU_THREADS", str(threads))  # OpenMM's CPU platform
+    return threads
+
+
+def _threads_note(threads: int) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{threads} thread{'s' if threads != 1 else ''} (of {cores} cores; --threads N or OMP_NUM_THREADS to change)"
+
+
+def _data_dir(args: argparse.Namespace):
+    from .systems.data import default_data_dir
+
+    return args.data_dir if args.data_dir is not None else default_data_dir()
+
+
+def _cmd_train(args: argparse.Namespace) -> str | None:
     from .config import run_settings
     from .distributed import Ranks, init_from_env
     from .pipeline import train_experiment
     from .report import format_summary
 
     settings = run_settings(load_experiments(args.config), args.experiment, source=args.config, device=args.device)
-    out = args.out or f"runs/{args.experiment}"
+    out, data_dir = args.out or f"runs/{args.experiment}", _data_dir(args)
+    threads = _configure_threads(args.threads)
     group = init_from_env(settings["device"])  # under torchrun: NCCL on GPUs, gloo on the CPU
     try:
         ranks = Ranks.default()
         quiet = args.quiet or not ranks.is_main
         log = (lambda line: None) if quiet else (lambda line: print(line, flush=True))
-        summary = train_experiment(settings, out, data_dir=args.data_dir, resume=args.resume,
+        log(f"bgflow-gate train {args.experiment}: run directory {out}, data cache {data_dir}, {_threads_note(threads)}")
+        summary = train_experiment(settings, out, data_dir=data_dir, resume=args.resume,
                                    progress=not quiet, log=log, ranks=ranks)
     finally:
         if group is not None:
-            import gc
-
-            import torch.distributed as dist
-
-            # DDP wrappers sit in reference cycles that hold the group; left to the garbage
-            # collector at interpreter exit, the group's teardown can abort the process
-            gc.collect()
-            dist.destroy_process_group()
+            _destroy_group()
     if summary is None:  # not rank 0
         return None
     return f"run directory: {out}\n" + format_summary(summary)
 
 
+def _destroy_group() -> None:
+    import gc
+
+    import torch.distributed as dist
+
+    # DDP wrappers sit in reference cycles that hold the group; left to the garbage
+    # collector at interpreter exit, the group's teardown can abort the process
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _cmd_report(args: argparse.Namespace) -> str:
-    from .report import draw_plots, format_summary
+    from .report import draw_plots, format_summary, read_summary
 
     try:
         paths = draw_plots(args.run_dir)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
-    summary = json.loads((paths[0].parent.parent / "summary.json").read_text())
-    return format_summary(summary) + "\nplots: " + ", ".join(str(p) for p in paths)
+    except OSError as err:
+        raise ValueError(f"cannot write the plots into {args.run_dir}/plots ({err.strerror or err}); copy the run "
+                         "directory somewhere writable and run 'bgflow-gate report' on the copy") from None
+    return format_summary(read_summary(args.run_dir)) + "\nplots: " + ", ".join(str(p) for p in paths)
 
 
 def _cmd_data(args: argparse.Namespace) -> str:
@@ -186,9 +236,21 @@ def _cmd_data(args: argparse.Namespace) -> str:
     from .systems.data import generate_dataset
 
     settings = data_settings(load_experiments(args.config), args.experiment, source=args.config)
-    dataset = generate_dataset(settings, args.data_dir, progress=not args.quiet)
+    threads = _configure_threads(args.threads)
+    if not args.quiet:
+        print(f"bgflow-gate data {args.experiment}: data cache {_data_dir(args)}, {_threads_note(threads)}",
+              flush=True)
+    dataset = generate_dataset(settings, _data_dir(args), progress=not args.quiet)
     origin = "loaded from the cache" if dataset.from_cache else "generated"
-    return f"{dataset.path} ({origin})\n" + format_validation(validate_dataset(dataset))
+    return _verdict(f"{dataset.path} ({origin})\n", validate_dataset(dataset), format_validation)
+
+
+def _verdict(head: str, report: dict, formatter) -> str:
+    """The formatted report; :class:`ChecksFailed` carries it when a check failed."""
+    text = head + formatter(report)
+    if report["problems"]:
+        raise ChecksFailed(text)
+    return text
 
 
 def _cmd_check_data(args: argparse.Namespace) -> str:
@@ -199,7 +261,7 @@ def _cmd_check_data(args: argparse.Namespace) -> str:
         dataset = load_dataset(args.path)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
-    return format_validation(validate_dataset(dataset))
+    return _verdict("", validate_dataset(dataset), format_validation)
 
 
 def _cmd_schedule(args: argparse.Namespace) -> str:
@@ -230,14 +292,33 @@ def _cmd_schedule(args: argparse.Namespace) -> str:
     return json.dumps({"schedule": schedule.to_dict(), "table": rows}, indent=2)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
+def _quiet_third_party() -> None:
+    """Keep third-party noise out of the output: pymbar (imported by openmmtools) logs a
+    warning about its timeseries module and a "JAX NOT FOUND" banner on import; warnings of
+    this package print as one line."""
+    logging.getLogger("pymbar").setLevel(logging.ERROR)
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"bgflow-gate: warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = one_line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 done, 1 a check failed or another
+    rank stopped, 2 bad input: the message says which file or setting and what to do)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_third_party()
     try:
         output = args.func(args)
+    except ChecksFailed as failed:
+        print(failed, flush=True)
+        return 1
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"bgflow-gate {args.command}: error: {err}\n")
+    except OSError as err:  # what no check above foresaw: still one line, naming the file
+        parser.exit(2, f"bgflow-gate {args.command}: error: {err.strerror or err}: {err.filename}\n")
     except RankFailure as err:  # another rank failed and printed its error
         parser.exit(1, f"bgflow-gate {args.command}: stopped: {err}\n")
     if output is not None:

@@ -16,9 +16,11 @@ Stages, each recorded in the run directory so that a killed run continues where 
 
 Run directory
 -------------
+``.lock``          held by the process that runs it (a second process gets an error naming it);
 ``settings.json``  the resolved settings (a resumed run must match them);
 ``progress.json``  finished stages and their wall times;
-``checkpoints/``   the trainer checkpoint of each training stage (written every epoch);
+``checkpoints/``   the trainer checkpoint of each training stage (written every epoch) and the
+                   one before it (``<stage>.previous.pt``, the fall-back for a damaged one);
 ``models/``        the flow's weights at the end of each training stage;
 ``history_<stage>.csv``  the epoch history of each training stage;
 ``evaluation.npz`` the evaluated samples (for ``bgflow-gate report``);
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,12 +44,13 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from . import __version__, bg
+from . import ProgressiveKLTrainer, __version__, bg
 from .distributed import Ranks
-from .trainer import ProgressiveKLTrainer
+from .targets import generator_target
 from .units import kt_in_kjmol
 
-__all__ = ["TRAINING_STAGES", "RunError", "RunDirectory", "train_experiment", "settings_to_json"]
+__all__ = ["TRAINING_STAGES", "RunError", "RunDirectory", "RunLock", "train_experiment", "settings_to_json",
+           "SUMMARY_GLOSSARY"]
 
 #: The training stages in the order they run.
 TRAINING_STAGES = ("nll", "control", "mixed")
@@ -66,10 +70,14 @@ def settings_to_json(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
+#: The files a start that failed before any training leaves; a new start may replace them.
+_RESTARTABLE = {".lock", "settings.json", "progress.json", "settings.json.tmp", "progress.json.tmp"}
+
+
 class RunDirectory:
     """The files of one run (see the module docstring)."""
 
-    def __init__(self, root: Union[str, Path]):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
 
     settings = property(lambda self: self.root / "settings.json")
@@ -80,6 +88,23 @@ class RunDirectory:
 
     def checkpoint(self, stage: str) -> Path:
         return self.root / "checkpoints" / f"{stage}.pt"
+
+    def previous_checkpoint(self, stage: str) -> Path:
+        """The checkpoint one epoch older than :meth:`checkpoint`, kept as its fall-back."""
+        return self.root / "checkpoints" / f"{stage}.previous.pt"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run was evaluated and its summary written."""
+        return self.summary.is_file() and "evaluation" in self.read_progress()
+
+    @property
+    def holds_work(self) -> bool:
+        """Whether starting afresh could lose anything: a finished training stage, or any file
+        but the settings, progress and lock files that a start which failed early leaves
+        (its data stage is only the cache)."""
+        done = set(self.read_progress()) - {"data"}
+        return bool(done) or any(p.name not in _RESTARTABLE for p in self.root.iterdir())
 
     def model(self, stage: str) -> Path:
         return self.root / "models" / f"{stage}.pt"
@@ -108,33 +133,106 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _finite_or_none(value: float) -> Optional[float]:
+def _finite_or_none(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
 # -- set-up ---------------------------------------------------------------------------
 
 
-def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool) -> None:
+class RunLock:
+    """An exclusive lock on a run directory (``.lock``, an advisory ``flock`` that the system
+    releases when the process dies), so two processes never write one run. The file holds
+    the holder's PID, which the error of a second process names."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / ".lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunError(
+                f"{self.path.parent} is in use by process {holder} (another 'bgflow-gate train' holds "
+                f"{self.path}); wait for it to finish or stop it, or choose another --out"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+def _writable_run(root: Path, resume: bool) -> None:
+    """A clear error for an ``--out`` that is a file or cannot be written."""
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--out {root} is a file; pass a directory for the run")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot create the run directory {root} ({err.strerror}); choose another --out") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        what = "resume it there" if resume else "start a run there"
+        raise RunError(f"the run directory {root} is read-only; make it writable to {what}, or choose another --out")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"training.lr": 0.001, ...}``."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _changed_settings(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``"training.lr: 0.001 in the run, 0.5 now"`` for every setting that differs."""
+    old, new = _flat(stored), _flat(wanted)
+    missing = "(not set)"
+    return [f"{key}: {old.get(key, missing)!r} in the run, {new.get(key, missing)!r} now"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
+def _check_resume(run: RunDirectory, wanted: dict[str, Any]) -> None:
+    if not run.settings.is_file():
+        raise RunError(f"nothing to resume in {run.root}: it holds no run (no settings.json)")
+    stored = json.loads(run.settings.read_text())
+    stored.pop("device", None)
+    changed = _changed_settings(stored, wanted)
+    if changed:
+        raise RunError(
+            f"the settings changed since the run in {run.root} began ({'; '.join(changed)}); resume with the "
+            "experiment's original settings, or start a new run with another --out"
+        )
+
+
+def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool, lock: RunLock) -> None:
+    """Check the run directory and take its lock; a new run writes its settings (a directory
+    whose earlier start left no work, see :attr:`RunDirectory.holds_work`, is started afresh)."""
     wanted = settings_to_json(settings)
     wanted.pop("device")  # a run may continue on another device
+    _writable_run(run.root, resume)
+    lock.acquire()
     if resume:
-        if not run.settings.is_file():
-            raise RunError(f"nothing to resume in {run.root}: it holds no run (no settings.json)")
-        stored = json.loads(run.settings.read_text())
-        stored.pop("device", None)
-        if stored != wanted:
-            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-            raise RunError(
-                f"the settings changed since the run in {run.root} began (sections: {', '.join(changed)}); "
-                "resume with the experiment's original settings, or start a new run with another --out"
-            )
+        _check_resume(run, wanted)
         return
-    if run.root.exists() and any(run.root.iterdir()):
+    if run.holds_work:
         raise RunError(
             f"{run.root} already holds files; pass --resume to continue the run there, or choose another --out"
         )
-    run.root.mkdir(parents=True, exist_ok=True)
+    run.progress_file.unlink(missing_ok=True)
     run.write_json(run.settings, {**wanted, "device": settings["device"]})
 
 
@@ -227,33 +325,92 @@ def _epoch_progress(trainer: ProgressiveKLTrainer, stage: str, n_epochs: int, lo
     return bar
 
 
-def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+class _StageTrainer(ProgressiveKLTrainer):
+    """The trainer of a stage: before each checkpoint it writes, the one before is kept as
+    ``<stage>.previous.pt`` (a hard link, or a copy), so a damaged checkpoint has a fall-back."""
+
+    def __init__(self, *args, keep_previous: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_previous = keep_previous
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        path = Path(path)
+        if self.keep_previous and path.is_file():
+            _keep_copy(path, path.with_name(path.stem + ".previous.pt"))
+        return super().save_checkpoint(path)
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """Make ``copy`` hold what ``path`` holds now, atomically."""
+    import shutil
+
+    tmp = copy.with_name(copy.name + f".{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links on this file system
+        shutil.copy2(path, tmp)
+    os.replace(tmp, copy)
+
+
+def _stage_trainer(stage: str, ctx: _RunContext, run: RunDirectory, gen) -> tuple[ProgressiveKLTrainer, dict]:
+    """The trainer of ``stage`` and the weights its ``train()`` call takes."""
     settings, t = ctx.settings, ctx.settings["training"]
-    n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
-    torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
-    gen, flow = ctx.generator(None if stage == "nll" else run.model("nll"))
     optim = torch.optim.Adam(gen.parameters(), lr=t["lr"] if stage == "nll" else t["mixed_lr"])
     common = dict(
         iters_per_epoch=ctx.iters_per_epoch, checkpoint_every=1, checkpoint_path=run.checkpoint(stage),
-        max_grad_norm=t["max_grad_norm"],
+        max_grad_norm=t["max_grad_norm"], keep_previous=ctx.ranks.is_main,
     )
     if stage in ("nll", "control"):
-        trainer = ProgressiveKLTrainer(
-            gen, optim, train_energy=False, lr_warmup_epochs=t["warmup_epochs"] if stage == "nll" else 0.0, **common
-        )
-        weights = {}
-    else:
-        g = settings["gate"]
-        gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"])
-        trainer = ProgressiveKLTrainer(
-            gen, optim, gate=None if settings["use_energy_gating"] else False,
-            skip_policy=t["skip_policy"], min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"],
-            **(gate if settings["use_energy_gating"] else {}), **common,
-        )
-        weights = dict(w_likelihood=t["w_likelihood"], w_energy=t["w_energy"], clip_forces=t["clip_forces"])
-    if ctx.ranks.broadcast(run.checkpoint(stage).is_file() if ctx.ranks.is_main else None):
-        trainer.resume(run.checkpoint(stage))
-        log(f"[{stage}] resumed from {run.checkpoint(stage)} at epoch {len(trainer.history)}")
+        warmup = t["warmup_epochs"] if stage == "nll" else 0.0
+        return _StageTrainer(gen, optim, train_energy=False, lr_warmup_epochs=warmup, **common), {}
+    g, gated = settings["gate"], settings["use_energy_gating"]
+    gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"]) if gated else {}
+    trainer = _StageTrainer(
+        gen, optim, gate=None if gated else False, skip_policy=t["skip_policy"],
+        min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"], **gate, **common,
+    )
+    return trainer, dict(w_likelihood=t["w_likelihood"], w_energy=t["w_energy"], clip_forces=t["clip_forces"])
+
+
+def _loadable(path: Path) -> str | None:
+    """``None`` if the checkpoint at ``path`` reads, otherwise why not."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways (EOF, unpickling, zip)
+        return " ".join(str(err).split())[:120] or type(err).__name__
+    return None
+
+
+def _checkpoint_to_resume(stage: str, run: RunDirectory, log: Callable[[str], None]) -> Path | None:
+    """The checkpoint a stage continues from: its latest, or, when that one is damaged, the
+    one before (the damaged file is kept as ``<stage>.pt.damaged`` and a warning logged)."""
+    latest, previous = run.checkpoint(stage), run.previous_checkpoint(stage)
+    if not latest.is_file():
+        return None
+    problem = _loadable(latest)
+    if problem is None:
+        return latest
+    latest.replace(latest.with_name(latest.name + ".damaged"))
+    if previous.is_file() and _loadable(previous) is None:
+        log(f"[{stage}] warning: checkpoint {latest} is damaged ({problem}); kept as {latest.name}.damaged, "
+            f"continuing from the one before it, {previous}")
+        return previous
+    log(f"[{stage}] warning: checkpoint {latest} is damaged ({problem}) and there is no usable earlier one; "
+        f"kept as {latest.name}.damaged, the stage starts again")
+    return None
+
+
+def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+    t = ctx.settings["training"]
+    n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
+    torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
+    gen, flow = ctx.generator(None if stage == "nll" else run.model("nll"))
+    trainer, weights = _stage_trainer(stage, ctx, run, gen)
+    path = ctx.ranks.broadcast(_checkpoint_to_resume(stage, run, log) if ctx.ranks.is_main else None)
+    if path is not None:
+        trainer.resume(path)
+        log(f"[{stage}] resumed from {path} at epoch {len(trainer.history)}")
     remaining = n_epochs - len(trainer.history)
     if remaining > 0:
         trainer.train(
@@ -267,6 +424,11 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
         torch.save(flow.state_dict(), run.model(stage))
 
     ctx.ranks.on_main(write)
+    return _stage_info(stage, trainer)
+
+
+def _stage_info(stage: str, trainer: ProgressiveKLTrainer) -> dict[str, Any]:
+    """What ``progress.json`` records of a finished training stage."""
     history = trainer.history
     info = {
         "epochs": len(history),
@@ -275,10 +437,13 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
         "final_nll": _finite_or_none(history[-1]["nll"]),
     }
     if stage == "mixed":
+        highest = [r["energy_max"] for r in history if r["energy_max"] is not None and math.isfinite(r["energy_max"])]
         info.update(
             batches_skipped=int(sum(r["batches_skipped"] for r in history)),
             batches=int(sum(r["batches"] for r in history)),
             final_e_max_kjmol=_finite_or_none(history[-1]["e_max"]),
+            raw_energy_max_kjmol={"first_epoch": highest[0] if highest else None,
+                                  "last_epoch": highest[-1] if highest else None},
             actions=[a for r in history for a in r["actions"]],
             alerts=[a for r in history for a in r["alerts"]],
         )
@@ -334,12 +499,35 @@ def _evaluate(ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -
     return metrics
 
 
+#: How far the phi/psi KL of one model moves between two sets of its samples (60 x 60 bins,
+#: measured, DESIGN.md): differences below it are noise.
+PHI_PSI_KL_NOISE = 0.1
+
+#: What the less obvious entries of ``summary.json`` mean (written into it as ``glossary``).
+SUMMARY_GLOSSARY = {
+    "below_e_cut": "fraction of the model's samples whose energy lies below E_cut",
+    "phi_psi_kl": "KL(MD test frames || samples) of the phi/psi histograms; 0 is identical",
+    "effective_samples": "Kish's effective sample size of the importance weights exp(-u(x)) / q(x), in samples: "
+                         "how many samples from the true distribution the weighted samples are worth",
+    "ess_percent": "effective_samples as a percentage of the samples drawn",
+    "basins_reweighted": "basin populations after importance reweighting; meaningful only when "
+                         "reweighting_reliable is true",
+    "delta_f_phi_kjmol": "F(phi > 0) - F(phi < 0) in kJ/mol; for a model: from its reweighted samples, meaningful "
+                         "only when reweighting_reliable is true",
+    "reweighting_reliable": "effective_samples >= 100: reweighted fractions then have a standard error of at most "
+                            "~5 points (with fewer, they rest on a handful of samples)",
+    "phi_psi_kl_noise": "how far the phi/psi KL of one model moves between two sets of its samples; "
+                        "a phi/psi KL change below it is noise",
+    "below_e_cut_gain_standard_error": "standard error of below_e_cut_gain (two independent sets of samples)",
+}
+
+
 def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
     """The mixed model against the NLL-only control: it helps when it has more samples below
     E_cut and a larger ESS, with a phi/psi KL no worse than the control's beyond the noise of
-    resampling (0.1). The fraction's gain comes with its standard error."""
+    resampling (:data:`PHI_PSI_KL_NOISE`). The fraction's gain comes with its standard error."""
     mixed, control = metrics["mixed"], metrics["control"]
-    kl_noise = 0.1
+    kl_noise = PHI_PSI_KL_NOISE
     # standard error of the difference of two fractions from independent samples
     se = math.sqrt(sum(m["below_e_cut"] * (1 - m["below_e_cut"]) / m["samples"] for m in (mixed, control)))
     out = {
@@ -347,7 +535,7 @@ def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
         "below_e_cut_gain_standard_error": se,
         "ess_percent_gain": mixed["ess_percent"] - control["ess_percent"],
         "phi_psi_kl_change": mixed["phi_psi_kl"] - control["phi_psi_kl"],
-        "kl_noise_level": kl_noise,
+        "phi_psi_kl_noise": kl_noise,
     }
     out["below_e_cut_gain_significant"] = bool(out["below_e_cut_gain"] > 2 * se)
     out["mixed_helps"] = bool(
@@ -371,27 +559,29 @@ def _targets(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def train_experiment(
     settings: dict[str, Any],
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     *,
-    data_dir: Union[str, Path] = "data",
+    data_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    ranks: Optional[Ranks] = None,
-) -> Optional[dict[str, Any]]:
+    ranks: Ranks | None = None,
+) -> dict[str, Any] | None:
     """Run (or, with ``resume``, continue) an experiment; returns the summary.
 
-    Under a process group every rank calls it; rank 0 returns the summary, the others
-    return ``None`` once the training stages are done (rank 0 evaluates alone).
+    The run directory is locked while the run lasts (:class:`RunLock`); resuming a finished
+    run only says so and returns its summary. Under a process group every rank calls it;
+    rank 0 returns the summary, the others ``None`` (rank 0 evaluates alone).
 
     Parameters
     ----------
     settings : dict
         From :func:`bgflow_gate.config.run_settings`.
     out_dir : str or Path
-        The run directory (created; must be empty unless ``resume``).
-    data_dir : str or Path
-        The data cache (see :func:`~bgflow_gate.systems.data.generate_dataset`).
+        The run directory (created; must hold no run unless ``resume``).
+    data_dir : str or Path, optional
+        The data cache (default: the per-user cache, see
+        :func:`~bgflow_gate.systems.data.default_data_dir`).
     resume : bool
         Continue the run in ``out_dir`` from its last checkpoint.
     progress : bool
@@ -400,12 +590,30 @@ def train_experiment(
         Receives one line per epoch and per stage.
     ranks : Ranks, optional
         The process group (default: the initialised default group, else one process).
+
+    Raises
+    ------
+    RunError
+        The run directory cannot be used as asked; the message says why and what to do.
     """
+    ranks = ranks if ranks is not None else Ranks.default()
+    run, lock = RunDirectory(out_dir), RunLock(out_dir)
+    try:
+        ranks.on_main(lambda: _prepare(run, settings, resume, lock))
+        if ranks.broadcast(run.finished if ranks.is_main else None):
+            log(f"the run in {run.root} finished earlier; nothing to resume ('bgflow-gate report {run.root}' "
+                "re-draws its plots)")
+            return json.loads(run.summary.read_text()) if ranks.is_main else None
+        return _run(run, settings, data_dir, progress, log, ranks)
+    finally:
+        lock.release()
+
+
+def _run(run: RunDirectory, settings: dict[str, Any], data_dir, progress: bool, log: Callable[[str], None],
+         ranks: Ranks) -> dict[str, Any] | None:
+    """The stages of a prepared run directory; the summary (rank 0) or ``None``."""
     from .report import draw_plots
 
-    ranks = ranks if ranks is not None else Ranks.default()
-    run = RunDirectory(out_dir)
-    ranks.on_main(lambda: _prepare(run, settings, resume))
     ctx = _RunContext(settings, data_dir, log, progress, ranks)
     try:
         # rank 0's view of the run decides for every rank (rank 0 writes progress.json)
@@ -427,13 +635,23 @@ def train_experiment(
         run.mark_done("evaluation", seconds=time.perf_counter() - start)
     finally:
         ctx.close()
-    progress_info = run.read_progress()
-    summary = {
+    summary = _summary(ctx, run, metrics)
+    run.write_json(run.summary, summary)
+    draw_plots(run.root)
+    log(f"summary: {run.summary}; plots: {run.plots}")
+    return summary
+
+
+def _summary(ctx: _RunContext, run: RunDirectory, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The contents of ``summary.json``."""
+    settings, progress_info = ctx.settings, run.read_progress()
+    return {
         "experiment": settings["name"],
         "version": __version__,
         "host": bg.HOST,
         "torch": torch.__version__,
         "device": settings["device"],
+        "threads": torch.get_num_threads(),
         "use_energy_gating": settings["use_energy_gating"],
         "e_cut_kjmol": settings["gate"]["e_cut"],
         "temperature_k": ctx.temperature,
@@ -446,8 +664,5 @@ def train_experiment(
         "metrics": metrics,
         "mixed_vs_control": _comparison(metrics),
         "targets": _targets(metrics),
+        "glossary": SUMMARY_GLOSSARY,
     }
-    run.write_json(run.summary, summary)
-    draw_plots(run.root)
-    log(f"summary: {run.summary}; plots: {run.plots}")
-    return summary

@@ -133,10 +133,11 @@ def test_non_finite_energies_count_as_above_the_cut_and_in_the_median(start):
 def test_equal_log_weights_give_full_ess_and_ess_percent_is_100_ess_over_n(start):
     x = with_phi(start, [-150.0, -60.0, 60.0, 70.0])
     m = sample_metrics(x, np.zeros(4), np.zeros(4), x, kt=KT, e_cut=500.0)
-    assert m["ess"] == pytest.approx(4.0, rel=1e-12) and m["ess_percent"] == pytest.approx(100.0, rel=1e-12)
+    assert m["effective_samples"] == pytest.approx(4.0, rel=1e-12) and m["ess_percent"] == pytest.approx(100.0, rel=1e-12)
     m = sample_metrics(x, np.zeros(4), W_1_1_2_0, x, kt=KT, e_cut=500.0)
-    assert m["ess"] == pytest.approx(8 / 3, rel=1e-12)
-    assert m["ess_percent"] == pytest.approx(100.0 * m["ess"] / 4, rel=1e-12)
+    assert m["effective_samples"] == pytest.approx(8 / 3, rel=1e-12)
+    assert m["ess_percent"] == pytest.approx(100.0 * m["effective_samples"] / 4, rel=1e-12)
+    assert m["reweighting_reliable"] is False  # 8/3 effective samples, far below 100
 
 
 def test_the_phi_psi_kl_of_the_reference_to_itself_is_zero_and_to_another_basin_is_large(start):

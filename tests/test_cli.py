@@ -174,6 +174,67 @@ def test_missing_config_file_is_an_error(capsys, tmp_path):
     assert_fails(capsys, ["schedule", "--experiment", "default", "--config", missing], "does not exist")
 
 
+def test_schedule_of_an_experiment_without_config_reads_the_packaged_file_from_any_directory(capsys, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = run_json(capsys, "schedule", "--experiment", "lenient")
+    assert data["schedule"]["e_final"] == 1e6 and data["schedule"]["warmup_epochs"] == 500
+
+
+def test_a_directory_as_config_says_it_is_a_directory(capsys, tmp_path):
+    assert_fails(capsys, ["schedule", "--experiment", "default", "--config", str(tmp_path)],
+                 f"experiments file {tmp_path} is a directory; pass the YAML file itself to --config")
+
+
+def test_a_binary_config_says_it_is_not_a_text_file(capsys, tmp_path):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(bytes(range(256)))
+    assert_fails(capsys, ["schedule", "--experiment", "default", "--config", str(path)],
+                 "is not a text file (YAML expected)")
+
+
+@pytest.mark.parametrize("preset", ["default", "legacy_linear", "lenient"])
+def test_train_refuses_a_schedule_preset_saying_what_it_is_for(capsys, preset, tmp_path):
+    assert_fails(capsys, ["train", "--experiment", preset, "--out", str(tmp_path / "run")],
+                 f"'{preset}' is a schedule preset, not an experiment to train",
+                 f"bgflow-gate schedule --experiment {preset}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_threads_must_be_a_whole_number_of_at_least_one(capsys, bad):
+    status, _, err = run(capsys, "train", "--experiment", "smoke", "--threads", bad)
+    assert status == 2 and "expected a whole number of threads >= 1" in err
+
+
+def test_threads_sets_torch_and_openmm_threads(monkeypatch):
+    import os
+
+    import torch
+
+    from bgflow_gate.cli import _configure_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OPENMM_CPU_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        assert _configure_threads(1) == 1 and torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OPENMM_CPU_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_third_party_banners_stay_out_of_the_output(tmp_path):
+    """pymbar (through openmmtools) logs a timeseries warning and a JAX banner on import."""
+    import sys
+
+    code = "import sys; from bgflow_gate.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "check-data", str(tmp_path / "none.npz")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"bgflow-gate check-data: error: no dataset at {tmp_path / 'none.npz'}\n"
+
+
 @pytest.mark.parametrize("bad", ["0,abc", "ten"])
 def test_bad_at_list_is_an_error(capsys, bad):
     assert_fails(capsys, ["schedule", "--at", bad], "--at", "comma-separated epochs")
@@ -212,6 +273,14 @@ def test_parser_program_name_is_bgflow_gate():
 
 
 # -- the installed console script --------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("bgflow-gate") is None, reason="console script not installed")
+def test_the_installed_command_finds_its_experiments_from_any_directory(tmp_path):
+    result = subprocess.run([shutil.which("bgflow-gate"), "schedule", "--experiment", "legacy_linear", "--at", "50"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].split() == ["50", "descent", "5.0050e+06"]
 
 
 @pytest.mark.skipif(shutil.which("bgflow-gate") is None, reason="console script not installed")

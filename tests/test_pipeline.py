@@ -15,7 +15,7 @@ from bgflow_gate.cli import main  # noqa: E402
 from bgflow_gate.config import load_experiments, run_settings  # noqa: E402
 from bgflow_gate.pipeline import TRAINING_STAGES, RunError, train_experiment  # noqa: E402
 from bgflow_gate.report import PLOT_FILES, read_history  # noqa: E402
-from bgflow_gate.trainer import ProgressiveKLTrainer  # noqa: E402
+from bgflow_gate import ProgressiveKLTrainer  # noqa: E402
 
 TINY = """
 tiny:
@@ -104,6 +104,14 @@ def test_an_occupied_run_directory_needs_resume(config, data_dir, finished):
         train_experiment(settings_of(config), out, data_dir=data_dir, progress=False, log=lambda _: None)
 
 
+def test_resume_refuses_changed_settings_naming_each_key_and_both_values(config, data_dir, finished, tmp_path):
+    out, _ = finished
+    message = r"settings changed .*\(training\.batch_size: 16 in the run, 8 now; training\.lr: 0\.001 in the run, 0\.5 now\)"
+    with pytest.raises(RunError, match=message):
+        train_experiment(settings_of(config, training={"lr": 0.5, "batch_size": 8}), out, data_dir=data_dir,
+                         resume=True, progress=False, log=lambda _: None)
+
+
 def test_resume_refuses_changed_settings_and_an_empty_directory(config, data_dir, finished, tmp_path):
     out, _ = finished
     with pytest.raises(RunError, match=r"settings changed .*training"):
@@ -116,21 +124,23 @@ def test_resume_refuses_changed_settings_and_an_empty_directory(config, data_dir
 
 def test_a_run_killed_in_the_mixed_stage_resumes_to_the_same_weights(config, data_dir, finished, tmp_path, monkeypatch):
     reference, _ = finished
-    original = ProgressiveKLTrainer._end_epoch
+    original = ProgressiveKLTrainer.train
 
-    def killing_end_epoch(self, ipe, epoch_schedulers):
-        record = original(self, ipe, epoch_schedulers)
-        if self.gate is not None and len(self.history) == 2:  # second epoch of the mixed stage
+    def kill(trainer, record):
+        if trainer.gate is not None and len(trainer.history) == 2:  # second epoch of the mixed stage
             raise KeyboardInterrupt
-        return record
 
-    monkeypatch.setattr(ProgressiveKLTrainer, "_end_epoch", killing_end_epoch)
+    def train_and_kill(self, *args, on_epoch_end=(), **kwargs):
+        callbacks = [on_epoch_end] if callable(on_epoch_end) else list(on_epoch_end)
+        return original(self, *args, on_epoch_end=[*callbacks, kill], **kwargs)
+
+    monkeypatch.setattr(ProgressiveKLTrainer, "train", train_and_kill)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         train_experiment(settings_of(config), out, data_dir=data_dir, progress=False, log=lambda _: None)
     progress = json.loads((out / "progress.json").read_text())
     assert "control" in progress and "mixed" not in progress
-    monkeypatch.setattr(ProgressiveKLTrainer, "_end_epoch", original)
+    monkeypatch.setattr(ProgressiveKLTrainer, "train", original)
     lines = []
     summary = train_experiment(settings_of(config), out, data_dir=data_dir, resume=True, progress=False, log=lines.append)
     assert any("[nll] finished earlier" in line for line in lines)
@@ -200,3 +210,123 @@ def test_train_under_torchrun_with_two_gloo_ranks_trains_the_global_batch(config
     assert len(state["ranks"]) == 2 and not any(k.startswith("_flow.module.") for k in state["bg"])
     single = torch.load(finished[0] / "models" / "nll.pt")
     assert single.keys() == torch.load(out / "models" / "nll.pt").keys()  # the same model files
+
+
+# -- the run directory: lock, finished runs, failed starts, bad --out -----------------------------------
+
+
+def test_a_second_process_on_a_locked_run_gets_an_error_naming_the_holder(config, data_dir, finished):
+    import os
+
+    from bgflow_gate.pipeline import RunLock
+
+    out, _ = finished
+    holder = RunLock(out)
+    holder.acquire()
+    try:
+        with pytest.raises(RunError, match=rf"{out} is in use by process {os.getpid()} "):
+            train_experiment(settings_of(config), out, data_dir=data_dir, resume=True, progress=False,
+                             log=lambda _: None)
+    finally:
+        holder.release()
+
+
+def test_resume_on_a_finished_run_says_so_and_evaluates_nothing(config, data_dir, finished):
+    out, summary = finished
+    before = (out / "evaluation.npz").stat().st_mtime_ns
+    lines = []
+    again = train_experiment(settings_of(config), out, data_dir=data_dir, resume=True, progress=False, log=lines.append)
+    assert lines == [f"the run in {out} finished earlier; nothing to resume ('bgflow-gate report {out}' "
+                     "re-draws its plots)"]
+    assert again == summary and (out / "evaluation.npz").stat().st_mtime_ns == before
+
+
+def test_a_start_that_failed_before_training_does_not_block_the_same_command(config, data_dir, tmp_path, monkeypatch):
+    import bgflow_gate.pipeline as pipeline
+
+    def failing_run(*args):
+        raise ValueError("data failed")
+
+    out = tmp_path / "failed_start"
+    monkeypatch.setattr(pipeline, "_run", failing_run)
+    with pytest.raises(ValueError, match="data failed"):
+        train_experiment(settings_of(config), out, data_dir=data_dir, progress=False, log=lambda _: None)
+    assert (out / "settings.json").is_file()
+    monkeypatch.setattr(pipeline, "_run", lambda *args: {"ran": True})
+    assert train_experiment(settings_of(config), out, data_dir=data_dir, progress=False, log=lambda _: None) == {"ran": True}
+
+
+def test_a_directory_with_other_files_is_still_refused(config, data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="already holds files; pass --resume"):
+        train_experiment(settings_of(config), tmp_path, data_dir=data_dir, progress=False, log=lambda _: None)
+    assert not (tmp_path / "settings.json").exists()
+
+
+def test_an_out_that_is_a_file_is_an_error_and_the_file_is_untouched(config, tmp_path, capsys):
+    path = tmp_path / "results.txt"
+    path.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--experiment", "tiny", "--config", str(config), "--out", str(path), "--quiet"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"bgflow-gate train: error: --out {path} is a file; pass a directory for the run\n"
+    assert path.read_text() == "keep me"
+
+
+def test_an_out_that_cannot_be_created_is_an_error_naming_it(config, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--experiment", "tiny", "--config", str(config), "--out", str(tmp_path / "file" / "run"), "--quiet"])
+    assert exc.value.code == 2
+    assert f"cannot create the run directory {tmp_path / 'file' / 'run'}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into read-only directories")
+def test_resume_and_report_on_a_read_only_run_are_errors_that_say_so(config, data_dir, finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "read_only"
+    shutil.copytree(finished[0], out)
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        with pytest.raises(RunError, match=f"the run directory {out} is read-only"):
+            train_experiment(settings_of(config), out, data_dir=data_dir, resume=True, progress=False,
+                             log=lambda _: None)
+        with pytest.raises(SystemExit):
+            main(["report", str(out)])
+        assert "cannot write the plots" in capsys.readouterr().err
+    finally:
+        for path in [out, *out.rglob("*")]:
+            path.chmod(0o755)
+
+
+def test_report_on_a_run_whose_plots_cannot_be_written_is_an_error_saying_what_to_do(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out, ignore=shutil.ignore_patterns("plots"))
+    (out / "plots").write_text("a file where the plots go")
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(out)])
+    assert exc.value.code == 2
+    assert "cannot write the plots into" in capsys.readouterr().err
+
+
+def test_the_summary_names_its_numbers_and_flags_reweighting_on_few_effective_samples(finished):
+    _, summary = finished
+    for stage in TRAINING_STAGES:
+        m = summary["metrics"][stage]
+        assert "ess" not in m and m["effective_samples"] == pytest.approx(m["ess_percent"] * m["samples"] / 100)
+        assert m["reweighting_reliable"] is (m["effective_samples"] >= 100)
+    assert summary["mixed_vs_control"]["phi_psi_kl_noise"] == 0.1
+    for key in ("effective_samples", "reweighting_reliable", "phi_psi_kl_noise", "delta_f_phi_kjmol"):
+        assert key in summary["glossary"]
+
+
+def test_the_printed_table_marks_free_energies_from_too_few_effective_samples(finished):
+    from bgflow_gate.report import format_summary
+
+    text = format_summary(finished[1])
+    assert "* reweighted from fewer than 100 effective samples: unreliable" in text
+    assert "eff. samples" in text.splitlines()[0]

@@ -22,11 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -34,7 +37,54 @@ from ..units import MOLAR_GAS_CONSTANT
 from ..validation import check_number, check_whole
 from .alanine import SOLVENTS, alanine_dipeptide
 
-__all__ = ["ReplicaExchangeSettings", "Dataset", "generate_dataset", "load_dataset", "Progress"]
+__all__ = [
+    "ReplicaExchangeSettings",
+    "Dataset",
+    "DatasetError",
+    "DataCacheWarning",
+    "DATA_DIR_ENV",
+    "N_ATOMS",
+    "default_data_dir",
+    "generate_dataset",
+    "load_dataset",
+    "recompute_energies",
+    "dataset_problems",
+    "Progress",
+]
+
+#: Atoms of alanine dipeptide (openmmtools' AlanineDipeptideVacuum / Implicit): a frame has
+#: ``3 * N_ATOMS`` coordinates.
+N_ATOMS = 22
+
+#: The environment variable that moves the data cache (``--data-dir`` overrides it).
+DATA_DIR_ENV = "BGFLOW_GATE_DATA_DIR"
+
+#: Largest |difference| in kJ/mol between a stored energy and the force field's for the same
+#: frame (float32 positions give ~1e-3).
+ENERGY_TOLERANCE_KJMOL = 1e-2
+
+
+class DatasetError(ValueError):
+    """A dataset file cannot be used; the message names the file and what to do."""
+
+
+class DataCacheWarning(UserWarning):
+    """A cached dataset failed its checks and is being regenerated."""
+
+
+def default_data_dir() -> Path:
+    """The per-user data cache: ``$BGFLOW_GATE_DATA_DIR`` when set, otherwise the platform's
+    cache directory plus ``bgflow-gate/data`` (Linux: ``$XDG_CACHE_HOME`` or ``~/.cache``;
+    macOS: ``~/Library/Caches``; Windows: ``%LOCALAPPDATA%``)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "bgflow-gate" / "data"
 
 
 @dataclass(frozen=True)
@@ -139,7 +189,7 @@ class Dataset:
     settings: ReplicaExchangeSettings
     acceptance: np.ndarray
     seconds: float
-    path: Optional[Path] = None
+    path: Path | None = None
     from_cache: bool = field(default=False)
 
     def split(self, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +199,7 @@ class Dataset:
         cut = int(round(len(self.positions) * (1 - test_fraction)))
         return self.positions[:cut], self.positions[cut:]
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -166,43 +216,137 @@ class Dataset:
         return path
 
 
-def load_dataset(path: Union[str, Path]) -> Dataset:
-    """Load a dataset written by :func:`generate_dataset`."""
+#: What a dataset file holds: key -> number of dimensions.
+_KEYS = {"positions": 2, "energies": 1, "acceptance": 1, "seconds": 0, "settings": 0}
+
+#: What goes wrong reading an ``.npz`` that is not whole.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, TypeError)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a dataset file; a :class:`DatasetError` for a file that is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in _KEYS if k not in f.files]
+            if missing:
+                raise DatasetError(f"{path} is not a dataset of 'bgflow-gate data': no {', '.join(missing)}")
+            return {k: f[k] for k in _KEYS}
+    except DatasetError:
+        raise
+    except _READ_ERRORS as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if "pickled" in reason:
+            reason = "it is not an .npz archive of arrays"
+        raise DatasetError(f"{path} cannot be read (truncated or corrupt: {reason})") from None
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a dataset written by :func:`generate_dataset`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    DatasetError
+        The file is truncated, corrupt, not an ``.npz`` archive, lacks a key, or its arrays
+        have the wrong shapes (alanine dipeptide frames have ``3 * N_ATOMS`` coordinates).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset at {path}")
-    with np.load(path) as f:
-        return Dataset(
-            positions=f["positions"],
-            energies=f["energies"],
-            settings=ReplicaExchangeSettings(**json.loads(str(f["settings"]))),
-            acceptance=f["acceptance"],
-            seconds=float(f["seconds"]),
-            path=path,
-            from_cache=True,
-        )
+    f = _read_arrays(path)
+    for key, ndim in _KEYS.items():
+        if f[key].ndim != ndim:
+            raise DatasetError(f"{path}: {key} has {f[key].ndim} dimensions, {ndim} expected")
+    n, dim = f["positions"].shape
+    if dim != 3 * N_ATOMS:
+        raise DatasetError(f"{path} holds {dim} coordinates per frame; alanine dipeptide has "
+                           f"{N_ATOMS} atoms ({3 * N_ATOMS} coordinates)")
+    if f["energies"].shape != (n,):
+        raise DatasetError(f"{path} holds {n} frames but {len(f['energies'])} energies")
+    try:
+        settings = ReplicaExchangeSettings(**json.loads(str(f["settings"])))
+    except (ValueError, TypeError) as err:
+        raise DatasetError(f"{path}: its settings cannot be read ({err})") from None
+    return Dataset(positions=f["positions"], energies=f["energies"], settings=settings,
+                   acceptance=f["acceptance"], seconds=float(f["seconds"]), path=path, from_cache=True)
+
+
+def recompute_energies(positions: np.ndarray, solvent: str) -> np.ndarray:
+    """Potential energies (kJ/mol) of frames ``[n, 66]`` (nm) from the force field, on OpenMM's
+    Reference platform; a frame with non-finite coordinates gets NaN."""
+    import openmm
+    from openmm import unit
+
+    system = alanine_dipeptide(solvent)
+    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    out = np.full(len(positions), math.nan)
+    for i, frame in enumerate(np.asarray(positions, dtype=np.float64)):
+        if np.isfinite(frame).all():
+            context.setPositions(frame.reshape(-1, 3))
+            out[i] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    return out
+
+
+def _frames(mask: np.ndarray) -> str:
+    """``"3 frames (first: 0, 5, 9)"`` for a boolean mask over frames."""
+    where = np.flatnonzero(mask)
+    return f"{len(where)} frame{'s' if len(where) != 1 else ''} (first: {', '.join(map(str, where[:3]))})"
+
+
+def dataset_problems(dataset: Dataset, n_energy_checks: int = 20) -> list[str]:
+    """What makes ``dataset`` unusable for training, one short phrase each (empty: none):
+    non-finite coordinates or energies, stored energies that differ from the force field's
+    (recomputed on ``n_energy_checks`` frames spread over the trajectory)."""
+    positions, energies = dataset.positions, np.asarray(dataset.energies, dtype=float)
+    problems = []
+    bad_x = ~np.isfinite(positions).all(axis=1)
+    if bad_x.any():
+        problems.append(f"non-finite coordinates in {_frames(bad_x)}")
+    if not np.isfinite(energies).all():
+        problems.append(f"non-finite energies in {_frames(~np.isfinite(energies))}")
+    idx = np.unique(np.linspace(0, len(positions) - 1, min(n_energy_checks, len(positions))).astype(int))
+    idx = idx[~bad_x[idx] & np.isfinite(energies[idx])]
+    if len(idx):
+        diff = np.abs(recompute_energies(positions[idx], dataset.settings.solvent) - energies[idx])
+        if not (diff <= ENERGY_TOLERANCE_KJMOL).all():
+            problems.append(f"stored energies differ from the force field's by up to {np.nanmax(diff):.3g} kJ/mol")
+    return problems
 
 
 class Progress:
-    """A one-line progress report with the estimated time left, on stderr."""
+    """Progress with the estimated time left, on stderr: one line rewritten in place (``\\r``)
+    on a terminal, otherwise a plain line at every tenth of the work (a log file stays
+    readable)."""
 
     def __init__(self, total: int, label: str, enabled: bool = True, every: float = 1.0):
         self.total, self.label, self.enabled, self.every = total, label, enabled, every
         self.start = self.last = time.perf_counter()
+        self.terminal = sys.stderr.isatty()
+        self.tenths = 0
+
+    def _due(self, done: int, now: float) -> bool:
+        if self.terminal:
+            return now - self.last >= self.every or done >= self.total
+        tenths = 10 * done // self.total
+        if tenths <= self.tenths:
+            return False
+        self.tenths = tenths
+        return True
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
-        if not self.enabled or (now - self.last < self.every and done < self.total):
+        if not self.enabled or not self._due(done, now):
             return
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else math.inf
-        sys.stderr.write(
-            f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:.0f} %), "
-            f"{now - self.start:.0f} s elapsed, ~{left:.0f} s left   "
-        )
-        if done >= self.total:
-            sys.stderr.write("\n")
+        text = (f"{self.label}: {done}/{self.total} ({100 * done / self.total:.0f} %), "
+                f"{now - self.start:.0f} s elapsed, ~{left:.0f} s left")
+        if self.terminal:
+            sys.stderr.write(f"\r{text}   " + ("\n" if done >= self.total else ""))
+        else:
+            sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
 
@@ -306,14 +450,72 @@ def _run_replica_exchange(settings: ReplicaExchangeSettings, progress: bool) -> 
     return Dataset(frames, energies, settings, exchanges.acceptance(), time.perf_counter() - start)
 
 
+def _writable_dir(directory: Path) -> None:
+    """Create ``directory`` and check that files can be written there, before any work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise DatasetError(
+            f"cannot write the data cache {directory} ({err.strerror or err}); pass --data-dir DIR "
+            f"or set {DATA_DIR_ENV} to a writable directory"
+        ) from None
+
+
+def _load_cached(path: Path) -> Dataset | None:
+    """The cached dataset at ``path`` if it is there and passes its checks; a cache file that
+    fails them is reported (:class:`DataCacheWarning`) and ``None`` returned, so it is
+    regenerated."""
+    if not path.is_file():
+        return None
+    try:
+        dataset = load_dataset(path)
+        problems = dataset_problems(dataset)
+    except DatasetError as err:
+        problems = [str(err).removeprefix(f"{path}").lstrip(": ")]
+    if not problems:
+        return dataset
+    warnings.warn(f"data cache {path} is unusable ({'; '.join(problems)}); regenerating it", DataCacheWarning,
+                  stacklevel=3)
+    return None
+
+
 def generate_dataset(
-    settings: ReplicaExchangeSettings, cache_dir: Union[str, Path], progress: bool = True
+    settings: ReplicaExchangeSettings, cache_dir: str | Path | None = None, progress: bool = True
 ) -> Dataset:
-    """The dataset for ``settings``: loaded from ``cache_dir`` if it is there, otherwise
-    generated by replica exchange and stored there (``alanine_<solvent>_<key>.npz``)."""
-    path = Path(cache_dir) / f"alanine_{settings.solvent}_{settings.key}.npz"
-    if path.is_file():
-        return load_dataset(path)
+    """The dataset for ``settings``: loaded from the cache if it is there, otherwise generated
+    by replica exchange and stored there (``alanine_<solvent>_<key>.npz``).
+
+    Parameters
+    ----------
+    settings : ReplicaExchangeSettings
+    cache_dir : str or Path, optional
+        The data cache (default: :func:`default_data_dir`).
+    progress : bool
+        Show the replica exchange's progress on stderr.
+
+    Raises
+    ------
+    DatasetError
+        The cache directory is not writable, or the generated data fail their checks
+        (:func:`dataset_problems`). A cached file that fails them is regenerated with a
+        :class:`DataCacheWarning`.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_data_dir()
+    path = directory / f"alanine_{settings.solvent}_{settings.key}.npz"
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
+    _writable_dir(directory)
     dataset = _run_replica_exchange(settings, progress)
-    dataset.save(path)
+    problems = dataset_problems(dataset)
+    if problems:
+        raise DatasetError(f"the replica exchange gave unusable data ({'; '.join(problems)}); "
+                           "try another data.seed or a smaller data.timestep")
+    try:
+        dataset.save(path)
+    except OSError as err:
+        raise DatasetError(f"cannot write the data cache {path} ({err.strerror or err})") from None
     return dataset
