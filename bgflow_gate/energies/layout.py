@@ -17,7 +17,7 @@ __all__ = ["Layout", "PairAtomMap", "exact_matmul"]
 
 
 class Layout:
-    """Columns of difference vectors, grouped into named segments.
+    """Columns of difference vectors, grouped into named segments (float64 on the CPU until :meth:`to`).
 
     Parameters
     ----------
@@ -29,7 +29,7 @@ class Layout:
 
     Examples
     --------
-    >>> layout = Layout(3, {"bonds": (torch.tensor([1, 2]), torch.tensor([0, 1]))})
+    >>> layout = Layout(3, {"bonds": (torch.tensor([1, 2]), torch.tensor([0, 1]))}).to("cpu", torch.float32)
     >>> x, y, z = layout(torch.tensor([[[0.0, 0, 0], [1, 0, 0], [1, 2, 0]]]))["bonds"]
     >>> x, y
     (tensor([[1., 0.]]), tensor([[0., 2.]]))
