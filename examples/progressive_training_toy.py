@@ -2,7 +2,8 @@
 
 The target is a steep well whose energy explodes away from its mode
 (:mod:`bgflow_gate.systems.toy`): an untrained generator starts at ~2e8 kJ/mol, like an
-untrained molecular flow. Four runs of a few hundred milliseconds each:
+untrained molecular flow. Four runs (and a fifth below; all five took 28 s on a 2-core
+machine busy with other jobs):
 
 1. ``legacy + batch``: the old linear schedule (1e7 -> 1e4 kJ/mol) with the rule "any
    gated sample skips the batch", reverse KL only. Every batch is skipped, nothing is
