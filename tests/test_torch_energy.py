@@ -331,6 +331,23 @@ def _energy_anywhere(solvent: str) -> tuple[TorchEnergy, torch.Tensor]:
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("solvent", ["vacuum", "implicit"])
+def test_cuda_float64_matches_the_cached_openmm_reference_to_1e6(solvent):
+    path = CACHE / f"alanine_{solvent}.pt"
+    if not path.exists():
+        pytest.skip(f"no {path} (benchmarks/make_gpu_cache.py writes it)")
+    data = torch.load(path, weights_only=True)
+    energy, reference = TorchEnergy.from_dict(data["energy"]), data["reference"]
+    x = reference["frames"].cuda().requires_grad_(True)
+    u = energy.energy(x)
+    (gradient,) = torch.autograd.grad(u.sum(), x)
+    ours = (u.detach().cpu().numpy()[:, 0] * energy.kt, -gradient.cpu().numpy().reshape(8, 22, 3) * energy.kt)
+    errors = _errors(ours, (reference["energies"].numpy(), reference["forces"].numpy().reshape(8, 22, 3)))
+    assert max(errors) <= 1e-6
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("solvent", ["vacuum", "implicit"])
 def test_cuda_energies_and_forces_match_cpu_float64(solvent):
     energy, x = _energy_anywhere(solvent)
     on_gpu = x.cuda().requires_grad_(True)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a machine with one CUDA GPU and PyTorch, but no OpenMM and no
+# package registry, in under 8 minutes:
+#   1. the CUDA-marked tests (pytest -m cuda tests/test_torch_energy.py),
+#   2. the torch-energy benchmark (batch 256 ... 65,536, float32 and float64),
+#   3. the gate and trainer benchmarks,
+#   4. a shortened aa_300_450_gpu experiment, once the pipeline has a torch energy backend
+#      (skipped until gpu_cache/experiments.yaml exists).
+#
+# What it needs travels in gpu_cache/ (git-ignored; write it here with
+# `python benchmarks/make_gpu_cache.py`, where OpenMM is installed, and carry "gpu_cache").
+#
+# Usage:
+#   bash benchmarks/gpu_check.sh                  # on the GPU machine
+#   bash benchmarks/gpu_check.sh --device cpu     # a dry run here (smaller batches)
+# Logs go to $OUT (the device machine's output folder) or ./gpu_check_out.
+
+set -uo pipefail
+DEVICE=cuda
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE="$2"; shift 2 ;;
+        *) echo "unknown argument $1 (usage: gpu_check.sh [--device cuda|cpu])"; exit 2 ;;
+    esac
+done
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+LOGS="${OUT:-$ROOT/gpu_check_out}"
+mkdir -p "$LOGS"
+CACHE="$ROOT/gpu_cache"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 BGFLOW_GATE_GPU_CACHE="$CACHE"
+START=$SECONDS
+FAILED=0
+
+if [ ! -f "$CACHE/alanine_vacuum.pt" ] || [ ! -f "$CACHE/alanine_implicit.pt" ]; then
+    echo "gpu_cache/ is missing: run 'python benchmarks/make_gpu_cache.py' where OpenMM is installed"
+    exit 2
+fi
+# the package from this tree, its missing pure-Python imports from the carried wheels
+SITE="$(mktemp -d)"
+if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CACHE"/wheels/*.whl || exit 2
+fi
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, report
+    local name="$1" limit="$2"; shift 2
+    echo "=== $name ($(( SECONDS - START )) s elapsed)"
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "=== $name FAILED (exit $rc)"; FAILED=1; }
+}
+
+if [ "$DEVICE" = cuda ]; then
+    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024
+else
+    SIZES=256,1024; GATE_SIZES=256,4096; TRAIN_BATCH=256
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+step cuda_tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
+step bench_energy 150 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
+step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES"
+step bench_trainer 60 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2
+if [ -f "$CACHE/experiments.yaml" ]; then
+    step aa_300_450_gpu 150 "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
+        --experiment aa_300_450_gpu --device "$DEVICE" --data-dir "$CACHE/data" --out "$LOGS/aa_300_450_gpu"
+else
+    echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (the pipeline's torch backend is not there yet)"
+fi
+echo "=== done in $(( SECONDS - START )) s; $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'some step FAILED')"
+exit $FAILED
