@@ -113,7 +113,12 @@ def test_the_data_command_generates_then_loads_and_check_data_reports(tmp_path, 
 
 
 def test_settings_store_plain_numbers_so_yaml_spellings_give_one_cache_key():
-    from_yaml = ReplicaExchangeSettings(t_min=300, timestep="1e-3", n_replicas=np.int64(6))
+    from bgflow_gate.config import parse_yaml
+
+    assert parse_yaml("exp:\n  data: {timestep: 1e-3}\n")["exp"]["data"]["timestep"] == 0.001
+    section = parse_yaml("exp:\n  data: {t_min: 300, timestep: 1e-3}\n")
+    assert data_settings(section, "exp") == ReplicaExchangeSettings()
+    from_yaml = ReplicaExchangeSettings(t_min=300, timestep=1e-3, n_replicas=np.int64(6))
     assert from_yaml == ReplicaExchangeSettings(t_min=300.0, timestep=0.001, n_replicas=6)
     assert from_yaml.key == ReplicaExchangeSettings().key
     assert from_yaml.simulated_ns == pytest.approx(2050 * 500 * 0.001 / 1000)

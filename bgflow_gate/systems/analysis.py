@@ -106,12 +106,10 @@ def sample_metrics(
     -------
     dict
         ``samples``, ``below_e_cut`` (fraction, non-finite energies count as above),
-        ``phi_psi_kl`` (see :func:`phi_psi_kl`), ``effective_samples`` (Kish's effective
-        sample size of the importance weights, in samples) and ``ess_percent`` (the same as a
-        percentage of ``samples``), ``energy_median_kjmol``, ``basins`` (unweighted),
-        ``basins_reweighted``, ``delta_f_phi_kjmol`` from the reweighted samples (``None`` if a
-        side is empty), and ``reweighting_reliable``: whether the reweighted quantities rest on
-        at least :data:`RELIABLE_EFFECTIVE_SAMPLES` effective samples.
+        ``phi_psi_kl`` (see :func:`phi_psi_kl`), ``effective_samples`` (Kish's ESS, in
+        samples) and ``ess_percent`` (of ``samples``), ``energy_median_kjmol``, ``basins``,
+        ``basins_reweighted``, ``delta_f_phi_kjmol`` (reweighted; ``None`` if a side is empty),
+        ``reweighting_reliable`` (at least :data:`RELIABLE_EFFECTIVE_SAMPLES` effective samples).
     """
     energies = np.asarray(energies, dtype=float)
     phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
