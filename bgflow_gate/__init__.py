@@ -17,10 +17,14 @@ ProgressiveKLTrainer
     checkpoints.
 HealthMonitor, TrainingHealthWarning
     The warning signs of a stalled gated training.
+TorchEnergy, UnsupportedForceError
+    An OpenMM system's energy (kT) batched in PyTorch on the input's device; forces by
+    autograd.
 """
 
 from . import bg
 from .bg import HOST
+from .energies import TorchEnergy, UnsupportedForceError
 from .gate import ScheduledEnergyGate
 from .schedules import (
     ConstantSchedule,
@@ -48,5 +52,7 @@ __all__ = [
     "SKIP_POLICIES",
     "HealthMonitor",
     "TrainingHealthWarning",
+    "TorchEnergy",
+    "UnsupportedForceError",
     "__version__",
 ]
