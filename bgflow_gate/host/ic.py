@@ -803,6 +803,28 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
             r_ab, c_y = r_ab.clamp_min(self._ics.eps), c_y.clamp_min(self._ics.eps)
         return (2.0 * torch.log(r_ab) + torch.log(c_y))[:, None]
 
+    def block_log_volume(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's share of ``-dlogp`` (forward): ``log(r_ab^2 c_y) + sum(log std)``.
+
+        The rigid-motion orbit factor and the whitening term (see the class Notes); the rest
+        of the forward ``dlogp`` is the placed atoms' spherical Jacobian and the angle
+        normalisation, as in bgflow.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Configurations ``[batch, 3N]``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[batch, 1]``.
+        """
+        xs, batch_shape = _flatten_batch(x, self.n_atoms)
+        s, _ = self._shape_coordinates(xs[:, self._fixed_t.to(xs.device)])
+        log_volume = self._orbit_log_volume(s) + torch.log(self._std.to(s)).sum()
+        return log_volume.reshape(*batch_shape, 1)
+
     # ---- bgflow attributes -----------------------------------------------------------
 
     @property
