@@ -211,6 +211,19 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is damaged (not JSON); 'bgflow-gate train --resume' on the run writes it again") from None
 
 
+def _read_evaluation(path: Path, root: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``evaluation.npz``; a ``ValueError`` saying how to redo a damaged one."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as ev:
+            return dict(ev)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({' '.join(str(err).split())}); delete {root / 'summary.json'} and "
+                         f"run 'bgflow-gate train --resume --out {root}' with its experiment to evaluate again") from None
+
+
 def draw_plots(run_dir: str | Path) -> list[Path]:
     """(Re-)draw the plots of the run in ``run_dir``; returns the files written."""
     root = Path(run_dir)
@@ -226,8 +239,7 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
             histories[stage] = read_history(path)
     out = root / "plots"
     out.mkdir(exist_ok=True)
-    with np.load(ev_path) as ev:
-        ev = dict(ev)
+    ev = _read_evaluation(ev_path, root)
     paths = [out / name for name in PLOT_FILES]
     _ramachandran(plt, ev, summary, paths[0])
     _energies(plt, ev, summary, paths[1])

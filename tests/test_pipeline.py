@@ -330,3 +330,16 @@ def test_the_printed_table_marks_free_energies_from_too_few_effective_samples(fi
     text = format_summary(finished[1])
     assert "* reweighted from fewer than 100 effective samples: unreliable" in text
     assert "eff. samples" in text.splitlines()[0]
+
+
+def test_report_on_a_run_with_a_damaged_evaluation_says_how_to_evaluate_again(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "damaged_evaluation"
+    shutil.copytree(finished[0], out)
+    (out / "evaluation.npz").write_bytes(b"\0" * 100)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"{out / 'evaluation.npz'} is damaged" in err and f"delete {out / 'summary.json'}" in err
