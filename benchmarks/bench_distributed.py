@@ -37,7 +37,7 @@ def worker(rank, world, store, args, queue):
     from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning
     from bgflow_gate.config import load_experiments, run_settings
     from bgflow_gate.distributed import Ranks
-    from bgflow_gate.pipeline import _RunContext
+    from bgflow_gate.pipeline import RunContext
 
     warnings.simplefilter("ignore", TrainingHealthWarning)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -48,7 +48,7 @@ def worker(rank, world, store, args, queue):
     try:
         settings = run_settings(load_experiments(args.config), args.experiment, device=args.device)
         # the pipeline's data, energy and generator (its flow wrapped in DDP)
-        ctx = _RunContext(settings, args.data_dir, lambda line: None, False, Ranks.default())
+        ctx = RunContext(settings, args.data_dir, lambda line: None, False, Ranks.default())
         t, g = settings["training"], settings["gate"]
         torch.manual_seed(0)
         gen, _ = ctx.generator()

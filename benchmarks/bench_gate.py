@@ -72,7 +72,7 @@ def bench(target: bg.Energy, batch: int, device: torch.device, repeats: int, bac
     x[1] *= 1e3  # a few samples above E_max
     x[2] *= 1e6
     target = target.to(device)
-    gate = ScheduledEnergyGate(target, schedule=ThreeStageSchedule(), e_cut=500.0)
+    gate = ScheduledEnergyGate(target, schedule=ThreeStageSchedule(), e_cut=500.0, target_unit="kJ/mol")
     gate.set_epoch(250.0)
     e_max = gate.e_max
 

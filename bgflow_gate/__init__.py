@@ -33,8 +33,8 @@ from .schedules import (
     ThreeStageSchedule,
     schedule_from_dict,
 )
-from .stats import GateReason, HealthMonitor, TrainingHealthWarning
-from .trainer import SKIP_POLICIES, ProgressiveKLTrainer
+from .stats import GateReason
+from .training import SKIP_POLICIES, HealthMonitor, ProgressiveKLTrainer, TrainingHealthWarning
 
 __version__ = "0.1.0"
 

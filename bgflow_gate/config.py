@@ -368,7 +368,7 @@ def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
 
 
 def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
-    from .trainer import SKIP_POLICIES
+    from .training import SKIP_POLICIES
 
     def open_fraction(v, k):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:

@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence
+import random
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "Ranks", "RankFailure", "ddp_modules", "plain_state_dict", "wrapped_state_dict", "init_from_env", "rank_seed",
+    "synchronise",
 ]
 
 
@@ -94,7 +96,7 @@ class Ranks:
         current CUDA device for NCCL, the CPU otherwise.
     """
 
-    def __init__(self, group=None, device: Optional[torch.device] = None):
+    def __init__(self, group=None, device: torch.device | None = None):
         self.group = group
         if group is None:
             self.rank, self.size, self.backend = 0, 1, None
@@ -234,7 +236,7 @@ class Ranks:
         return data[self.rank :: self.size]
 
 
-def init_from_env(device: str, timeout_minutes: float = 30.0) -> Optional[dict[str, Any]]:
+def init_from_env(device: str, timeout_minutes: float = 30.0) -> dict[str, Any | None]:
     """Initialise the default process group from ``torchrun``'s environment.
 
     Returns ``None`` outside ``torchrun`` (or with one process), otherwise
@@ -260,3 +262,22 @@ def init_from_env(device: str, timeout_minutes: float = 30.0) -> Optional[dict[s
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank,
             "backend": backend, "device": dev}
+
+
+def synchronise(ranks: "Ranks", module: torch.nn.Module, wrappers: Sequence[torch.nn.Module], seed: bool) -> None:
+    """Put the ranks in step before training: rank 0's parameters and buffers to every rank
+    and, with ``seed``, a random stream per rank (torch, NumPy, ``random``) seeded from a
+    number drawn on rank 0, so a run is reproducible. Nothing in a single process."""
+    if not ranks.distributed:
+        return
+    ranks.broadcast_module(module)
+    for wrapper in wrappers:
+        # buffers are equal now; DDP's own buffer broadcast in its first forward would be a
+        # collective outside the trainer's, out of step if a rank failed before that forward
+        wrapper.require_forward_param_sync = False
+    if seed:
+        base = ranks.broadcast(int(torch.randint(0, 2**62, ())) if ranks.is_main else None)
+        value = rank_seed(base, ranks.rank)
+        torch.manual_seed(value)
+        np.random.seed(value % 2**32)
+        random.seed(value)

@@ -20,19 +20,40 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import bg
 from .schedules import Schedule, as_schedule, schedule_from_dict
-from .stats import EnergyStatistics, GateReason
-from .units import KJ_PER_MOL, KT, check_temperature, kt_in_kjmol, parse_unit
+from .stats import EnergyStatistics, GateReason, StatisticsWindows, describe_statistics
+from .guard import GuardedTarget, as_batch, guard_gradients
+from .targets import energy_unit, generator_target
+from .units import KT, kt_in_kjmol
 from .validation import check_number, check_open_fraction
 
-__all__ = ["ScheduledEnergyGate", "soft_cut"]
+__all__ = ["ScheduledEnergyGate", "soft_cut", "ABOVE_CUT", "check_e_cut", "gate_for"]
 
-_WINDOWS = ("epoch", "previous", "total")
+#: What a sample with E_cut < u <= E_max contributes to the KL term (the ``above_cut`` option).
+ABOVE_CUT = {
+    "energy": "its soft-cut energy only: the -log|det J| term is left out, so the sample pulls the "
+    "flow towards lower energy and never pushes it outward (the default, chosen by measurement)",
+    "energy+entropy": "its soft-cut energy and its -log|det J| term, as bgflow's LinLogCutEnergy "
+    "(the entropy term of far-off samples can push an untrained flow outward and stall it)",
+    "none": "nothing: it leaves the KL mean like a gated sample",
+}
+
+
+def check_e_cut(e_cut: Any, schedule: Schedule) -> float:
+    """E_cut in kJ/mol if ``0 < e_cut <`` the schedule's final E_max; otherwise a ``ValueError``
+    (one rule for the Python API and the experiments file)."""
+    value = check_number(e_cut, "e_cut", "energy in kJ/mol", lower=0, strict=True)
+    if value >= schedule.final_e_max:
+        raise ValueError(
+            f"E_cut ({value:g} kJ/mol) must lie below the final E_max ({schedule.final_e_max:g} kJ/mol): "
+            f"the soft cut starts below the hard gate"
+        )
+    return value
 
 
 def soft_cut(u: torch.Tensor, cut: float) -> torch.Tensor:
@@ -42,46 +63,6 @@ def soft_cut(u: torch.Tensor, cut: float) -> torch.Tensor:
     """
     excess = torch.clamp(u - cut, min=0.0)
     return torch.where(u > cut, cut + torch.log1p(excess), u)
-
-
-def _soft_cut_value(u: float, cut: float) -> float:
-    return cut + math.log1p(u - cut) if u > cut else u
-
-
-class _EveryFailure(Exception):
-    """Internal: the target raised for every sample of a (sub)batch."""
-
-    def __init__(self, error: Exception):
-        super().__init__(str(error))
-        self.error = error
-
-
-class _GateGradient(torch.autograd.Function):
-    """Identity on the inputs whose backward zeroes the rows of gated samples.
-
-    The gated rows are only known after the target ran, so they are handed over in a
-    one-element list filled in later. ``torch.where`` (not a product) removes NaN and inf
-    that the target's backward produces for those rows.
-    """
-
-    @staticmethod
-    def forward(ctx, gated_box: list, *xs: torch.Tensor):
-        ctx.gated_box = gated_box
-        return tuple(x.view_as(x) for x in xs)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        gated = ctx.gated_box[0] if ctx.gated_box else None
-        if gated is None:
-            return (None, *grads)
-        out = []
-        for g in grads:
-            if g is None:
-                out.append(None)
-            else:
-                rows = gated.view(-1, *([1] * (g.dim() - 1)))
-                out.append(torch.where(rows, torch.zeros_like(g), g))
-        return (None, *out)
 
 
 class ScheduledEnergyGate(bg.Energy):
@@ -97,9 +78,13 @@ class ScheduledEnergyGate(bg.Energy):
         (1e10 -> 1e5 kJ/mol; hold 50, warm-up to 300 epochs). A dict is passed to
         :func:`schedule_from_dict`, a number makes a :class:`ConstantSchedule`.
     e_cut : float
-        Start of the lin-log soft cut, kJ/mol (default 500).
-    target_unit : {"kJ/mol", "kT"}
-        The unit the target's energies come in. bgflow's ``OpenMMEnergy`` returns kT.
+        Start of the lin-log soft cut, kJ/mol (default 500); ``0 < e_cut <`` the
+        schedule's final E_max.
+    target_unit : {"kJ/mol", "kT"}, optional
+        The unit the target's energies come in. Never guessed: read from an OpenMM target
+        (bgflow's ``OpenMMEnergy``: kT at its integrator's temperature) or a target that
+        declares ``unit`` and ``temperature`` (:class:`~bgflow_gate.TorchEnergy`); required
+        for any other target.
     temperature : float, optional
         Temperature in K. Required with ``target_unit="kT"`` (to convert the thresholds);
         with kJ/mol it only enables reading E_max in kT.
@@ -108,22 +93,14 @@ class ScheduledEnergyGate(bg.Energy):
         E_max never falls below the ``q``-quantile of the previous epoch's raw energies
         (nor rises above the schedule's starting value), so E_max reaches its final value
         as fast as the model allows and not faster.
+    above_cut : {"energy", "energy+entropy", "none"}
+        What a sample with E_cut < u <= E_max contributes to the KL term
+        (:meth:`kl_terms`, :data:`ABOVE_CUT`). Default ``"energy"``.
 
-    Attributes
-    ----------
-    last_gated : torch.Tensor
-        Bool ``[*batch]``: which samples of the last call were gated.
-    last_reasons : torch.Tensor
-        uint8 ``[*batch]``: :class:`GateReason` code of each sample of the last call.
-    last_raw : torch.Tensor
-        ``[*batch, 1]``: the last call's raw target energies in the target's unit
-        (NaN where the target was not evaluated), detached.
-
-    Notes
-    -----
-    One value per call is read back to the host: whether all coordinates are finite
-    (only then is the whole batch sent to the target in one piece). The statistics never
-    read back; they accumulate on the energies' device until :meth:`statistics` is called.
+    The last call's per-sample results are :attr:`last_gated`, :attr:`last_reasons`,
+    :attr:`last_above_cut` and :attr:`last_raw`; statistics accumulate on the energies'
+    device and are read by :meth:`statistics`. One value per call is read back to the host:
+    whether every coordinate is finite (then the batch goes to the target in one piece).
 
     Examples
     --------
@@ -132,7 +109,7 @@ class ScheduledEnergyGate(bg.Energy):
     >>> class Quadratic(bg.Energy):
     ...     def _energy(self, x):
     ...         return (x ** 2).sum(-1, keepdim=True)
-    >>> gate = ScheduledEnergyGate(Quadratic(2), schedule=ConstantSchedule(1e4), e_cut=10.0)
+    >>> gate = ScheduledEnergyGate(Quadratic(2), schedule=ConstantSchedule(1e4), e_cut=10.0, target_unit="kJ/mol")
     >>> gate.energy(torch.tensor([[1.0, 2.0], [0.0, 400.0]])).flatten().tolist()
     [5.0, 19.20...]
     >>> gate.last_gated.tolist()
@@ -144,59 +121,66 @@ class ScheduledEnergyGate(bg.Energy):
         target: Any,
         schedule: Schedule | dict | float | None = None,
         e_cut: float = 500.0,
-        target_unit: str = KJ_PER_MOL,
-        temperature: Optional[float] = None,
-        adaptive_quantile: Optional[float] = None,
+        target_unit: str | None = None,
+        temperature: float | None = None,
+        adaptive_quantile: float | None = None,
+        above_cut: str = "energy",
     ):
         shapes = getattr(target, "event_shapes", None)
         if shapes is None or not callable(getattr(target, "energy", None)):
-            raise TypeError(
-                f"target must be a bgflow Energy (with energy() and event_shapes), got "
-                f"{type(target).__name__}"
-            )
+            raise TypeError(f"target must be a bgflow Energy (with energy() and event_shapes), got {type(target).__name__}")
         dims = [list(s) for s in shapes]
         super().__init__(dims[0] if len(dims) == 1 else dims)
         self.target = target
         self.schedule = as_schedule(schedule)
-        self.e_cut = check_number(e_cut, "e_cut", "energy in kJ/mol")
-        self.target_unit = parse_unit(target_unit, name="target_unit")
-        if temperature is None and self.target_unit == KT:
-            raise ValueError(
-                "target_unit='kT' needs temperature (in K) to convert the thresholds, "
-                "which are in kJ/mol; pass the temperature the target's energies are "
-                "reduced at (for bgflow's OpenMMEnergy, the integrator's temperature)"
-            )
-        self.temperature = (
-            None if temperature is None else check_temperature(temperature)
-        )
+        self.e_cut = check_e_cut(e_cut, self.schedule)
+        self.target_unit, self.temperature = energy_unit(target, target_unit, temperature)
         if adaptive_quantile is not None:
             adaptive_quantile = check_open_fraction(adaptive_quantile, "adaptive_quantile")
         self.adaptive_quantile = adaptive_quantile
+        if above_cut not in ABOVE_CUT:
+            raise ValueError(f"above_cut must be one of {', '.join(map(repr, ABOVE_CUT))}, got {above_cut!r}")
+        self.above_cut = above_cut
         # kJ/mol per unit of the target's energies
-        self._unit_in_kjmol = (
-            kt_in_kjmol(self.temperature) if self.target_unit == KT else 1.0
-        )
+        self._unit_in_kjmol = kt_in_kjmol(self.temperature) if self.target_unit == KT else 1.0
         self._epoch = 0.0
-        self._floor: Optional[float] = None  # adaptive lower bound on E_max, kJ/mol
+        self._floor: float | None = None  # adaptive lower bound on E_max, kJ/mol
         self._relax = 1.0  # factor on E_max applied by relax()
-        self._stats = {w: EnergyStatistics() for w in _WINDOWS}
-        self._warned_target_error = False
+        self._stats = StatisticsWindows()
+        self._guard = GuardedTarget(target)
         # the last call's results; a plain holder, so that storing them per call does not
         # go through nn.Module.__setattr__
-        self._last = types.SimpleNamespace(gated=None, reasons=None, raw=None)
+        self._last = types.SimpleNamespace(gated=None, reasons=None, raw=None, above=None)
+
+    @classmethod
+    def for_generator(cls, generator: Any, **kwargs: Any) -> "ScheduledEnergyGate":
+        """A gate around the target of a bgflow ``BoltzmannGenerator`` (the generator is not
+        changed); ``kwargs`` as for the constructor. The unit is read from an OpenMM target
+        (or one that declares it); any other target needs ``target_unit``."""
+        target = generator_target(generator)
+        if target is None:
+            raise ValueError("the generator has no target energy to gate")
+        if isinstance(target, cls):
+            raise ValueError("the generator's target is a gate already; use it as it is")
+        return cls(target, **kwargs)
 
     @property
-    def last_gated(self) -> Optional[torch.Tensor]:
+    def last_gated(self) -> torch.Tensor | None:
         """Bool ``[*batch]``: which samples of the last call were gated."""
         return self._last.gated
 
     @property
-    def last_reasons(self) -> Optional[torch.Tensor]:
+    def last_reasons(self) -> torch.Tensor | None:
         """uint8 ``[*batch]``: the :class:`GateReason` code of each sample of the last call."""
         return self._last.reasons
 
     @property
-    def last_raw(self) -> Optional[torch.Tensor]:
+    def last_above_cut(self) -> torch.Tensor | None:
+        """Bool ``[*batch]``: the samples of the last call between E_cut and E_max (not gated)."""
+        return self._last.above
+
+    @property
+    def last_raw(self) -> torch.Tensor | None:
         """``[*batch, 1]``: the last call's raw energies in the target's unit (NaN where not evaluated)."""
         return self._last.raw
 
@@ -220,10 +204,7 @@ class ScheduledEnergyGate(bg.Energy):
         self._epoch = value
 
     def _close_epoch_window(self) -> None:
-        finished = self._stats["epoch"]
-        self._stats["total"].merge(finished)
-        self._stats["previous"] = finished
-        self._stats["epoch"] = EnergyStatistics()
+        finished = self._stats.close_epoch()
         if self.adaptive_quantile is not None and finished.samples:
             q = finished.quantile(self.adaptive_quantile)
             if not math.isnan(q):
@@ -235,7 +216,7 @@ class ScheduledEnergyGate(bg.Energy):
         return self.schedule(self._epoch)
 
     @property
-    def e_max_floor(self) -> Optional[float]:
+    def e_max_floor(self) -> float | None:
         """The adaptive lower bound on E_max in kJ/mol (``None`` when not adaptive or not yet set)."""
         return self._floor
 
@@ -280,190 +261,85 @@ class ScheduledEnergyGate(bg.Energy):
 
     # -- evaluation --------------------------------------------------------------------
 
-    def _evaluate(
-        self, xs: Sequence[torch.Tensor], kwargs: dict
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Target energies ``[m, 1]`` and a bool ``[m]`` marking the samples the target raised
-        for (``None`` when it raised for none).
-
-        A batch the target raises for is split in halves until the failing samples are
-        isolated, so the rest keep their energies. A target that raises for every sample
-        (a bug rather than a bad configuration) or for an empty batch re-raises.
-        """
-        try:
-            return self._evaluate_isolating(xs, kwargs)
-        except _EveryFailure as failure:
-            raise failure.error
-
-    def _evaluate_isolating(self, xs, kwargs):
-        m = xs[0].shape[0]
-        try:
-            energy = self.target.energy(*xs, **kwargs)
-        except Exception as err:
-            if m == 0:
-                raise
-            if m == 1:
-                raise _EveryFailure(err) from err
-            half = m // 2
-            parts, failures = [], []
-            for part in ([x[:half] for x in xs], [x[half:] for x in xs]):
-                try:
-                    parts.append(self._evaluate_isolating(part, kwargs))
-                except _EveryFailure as failure:
-                    failures.append(failure)
-                    n = part[0].shape[0]
-                    nan = torch.full((n, 1), math.nan, dtype=xs[0].dtype, device=xs[0].device)
-                    parts.append((nan, torch.ones(n, dtype=torch.bool, device=xs[0].device)))
-            if len(failures) == 2:
-                raise _EveryFailure(failures[0].error) from err
-            if not self._warned_target_error:
-                self._warned_target_error = True
-                first = failures[0].error if failures else err
-                warnings.warn(
-                    f"the target raised {type(first).__name__}: {first} -- the samples it raised "
-                    f"for are gated (reason TARGET_ERROR); later errors are only counted",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            errors = [
-                e if e is not None else torch.zeros(len(r), dtype=torch.bool, device=r.device)
-                for r, e in parts
-            ]
-            return torch.cat([r for r, _ in parts]), torch.cat(errors)
-        if not isinstance(energy, torch.Tensor) or tuple(energy.shape) != (m, 1):
-            shape = tuple(energy.shape) if isinstance(energy, torch.Tensor) else type(energy).__name__
-            raise ValueError(
-                f"the target's energy() returned {shape} for a batch of {m}; a bgflow "
-                f"energy returns shape [batch, 1] = ({m}, 1)"
-            )
-        return energy.to(device=xs[0].device, dtype=xs[0].dtype), None
-
     def _energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:
-        first = xs[0]
-        if not first.is_floating_point():
-            raise TypeError(f"coordinates must be floating point, got {first.dtype}")
-        batch_shape = first.shape[: first.dim() - len(self.event_shapes[0])]
-        flat = [x.reshape(-1, *shape) for x, shape in zip(xs, self.event_shapes)]
+        flat, batch_shape = as_batch(xs, self.event_shapes)
         n = flat[0].shape[0]
-        device, dtype = first.device, first.dtype
-
         # The gradient guard is only needed when a gradient can flow back to the inputs.
-        gated_box: list = []
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in flat)
-        guarded = _GateGradient.apply(gated_box, *flat) if needs_grad else flat
-        # x * 0 is 0 for finite x and NaN for NaN / inf, so a sum of x * 0 is 0 iff all is finite
-        all_finite = n == 0 or bool(sum((x.detach() * 0).sum() for x in flat) == 0)  # the one host read
-        if all_finite:
-            raw, errors = self._evaluate(guarded, kwargs)
-        else:
-            finite_coords = sum((x.detach() * 0).reshape(n, -1).sum(1) for x in flat) == 0
-            idx = torch.nonzero(finite_coords).squeeze(1)
-            raw = torch.full((n, 1), math.nan, dtype=dtype, device=device)
-            errors = None
-            if idx.numel():
-                sub, sub_errors = self._evaluate([x.index_select(0, idx) for x in guarded], kwargs)
-                raw = raw.index_copy(0, idx, sub)
-                if sub_errors is not None:
-                    errors = torch.zeros(n, dtype=torch.bool, device=device).index_copy(0, idx, sub_errors)
+        guarded, gated_box = guard_gradients(flat) if needs_grad else (flat, [])
+        raw, errors, finite_coords = self._guard.energies(list(guarded), n, kwargs)
         u = raw[:, 0]
-
         e_max = self.e_max / self._unit_in_kjmol
         e_cut = self.e_cut / self._unit_in_kjmol
-        over = u > e_max  # False for NaN
-        finite = (u.detach() * 0) == 0
-        reasons = torch.where(finite, over.to(torch.uint8), int(GateReason.NONFINITE_ENERGY))
-        if not all_finite:
+        finite = torch.isfinite(u)
+        reasons = torch.where(finite, (u > e_max).to(torch.uint8), int(GateReason.NONFINITE_ENERGY))
+        if finite_coords is not None:
             reasons = torch.where(finite_coords, reasons, int(GateReason.NONFINITE_COORDINATES))
         if errors is not None:
             reasons = torch.where(errors, int(GateReason.TARGET_ERROR), reasons)
         gated = reasons.bool()
         gated_box.append(gated)
-
-        safe = torch.where(gated, 0.0, u)  # no NaN or inf reaches any backward
-        out = torch.where(gated, _soft_cut_value(e_max, e_cut), soft_cut(safe, e_cut))
-
-        self._stats["epoch"].update(u.detach(), reasons, scale=self._unit_in_kjmol)
+        # a gated sample gets the soft cut of E_max, a constant: no NaN or inf reaches a backward
+        out = soft_cut(torch.where(gated, e_max, u), e_cut)
+        if needs_grad and not out.requires_grad:  # no sample reached the target: zero gradient, not none
+            out = out + torch.where(torch.zeros_like(gated), guarded[0].flatten(1)[:, 0], 0.0)
+        self._stats.current.update(u.detach(), reasons, scale=self._unit_in_kjmol)
         last = self._last
         last.gated = gated.reshape(batch_shape)
         last.reasons = reasons.reshape(batch_shape)
+        last.above = ((u > e_cut) & ~gated).reshape(batch_shape)
         last.raw = raw.detach().reshape(*batch_shape, 1)
         return out.reshape(*batch_shape, 1)
+
+    def kl_terms(self, energy: torch.Tensor, dlogp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each sample's KL contribution for the batch of the last call (``energy`` its output,
+        ``dlogp`` the flow's log|det J|), by raw energy u: u <= E_cut ``u - log|det J|``
+        (exact KL); E_cut < u <= E_max what ``above_cut`` says (:data:`ABOVE_CUT`); gated
+        samples ``energy - log|det J|`` (the trainer's skip policy decides if they count).
+
+        Returns ``per_sample [n]``, ``counted [n]`` (bool: False where ``above_cut="none"``
+        leaves a sample out of the mean) and ``above [n]`` (bool: between E_cut and E_max).
+        """
+        above = self._last.above.reshape(-1)
+        energy, dlogp = energy.reshape(-1), dlogp.reshape(-1)
+        if self.above_cut == "energy":
+            return energy - torch.where(above, 0.0, dlogp), torch.ones_like(above), above
+        counted = ~above if self.above_cut == "none" else torch.ones_like(above)
+        return energy - dlogp, counted, above
 
     # -- statistics --------------------------------------------------------------------
 
     def statistics(self, window: str = "epoch") -> dict[str, Any]:
-        """Gating statistics as Python numbers; raw energies in kJ/mol.
+        """Gating statistics of ``window`` as Python numbers; raw energies in kJ/mol.
 
-        Parameters
-        ----------
-        window : {"epoch", "previous", "total"}
-            The current whole epoch, the last completed one, or everything since
-            construction (or :meth:`reset_statistics`).
-
-        Returns
-        -------
-        dict
-            ``calls, samples, gated, gated_fraction, over_e_max, nonfinite,
-            nonfinite_energy, nonfinite_coordinates, target_errors, energy_min,
-            energy_p50, energy_p90, energy_max`` plus the gate's ``epoch``, ``e_max``,
-            ``scheduled_e_max`` and ``e_cut`` (kJ/mol).
+        ``window``: ``"epoch"`` (the current whole epoch), ``"previous"`` (the last completed
+        one) or ``"total"`` (since construction or :meth:`reset_statistics`). The keys:
+        ``calls, samples, gated, gated_fraction, over_e_max, nonfinite, nonfinite_energy,
+        nonfinite_coordinates, target_errors, energy_min, energy_p50, energy_p90,
+        energy_max`` and the gate's ``epoch, e_max, scheduled_e_max, e_cut``.
         """
-        if window not in _WINDOWS:
-            raise ValueError(f"window must be one of {', '.join(_WINDOWS)}, got {window!r}")
-        if window == "total":
-            stats = self._stats["total"].copy()
-            stats.merge(self._stats["epoch"])
-        else:
-            stats = self._stats[window]
-        return {
-            "epoch": self._epoch,
-            "e_max": self.e_max,
-            "scheduled_e_max": self.scheduled_e_max,
-            "e_cut": self.e_cut,
-            **stats.summary(),
-        }
+        gate = {"epoch": self._epoch, "e_max": self.e_max, "scheduled_e_max": self.scheduled_e_max, "e_cut": self.e_cut}
+        return {**gate, **self._stats.window(window).summary()}
 
     @property
     def epoch_statistics(self) -> EnergyStatistics:
         """The accumulator of the current epoch's window (what ``statistics("epoch")`` reads)."""
-        return self._stats["epoch"]
-
-    @epoch_statistics.setter
-    def epoch_statistics(self, stats: EnergyStatistics) -> None:
-        self._stats["epoch"] = stats
+        return self._stats.current
 
     def all_reduce_statistics(self, ranks) -> None:
         """Combine the current epoch's statistics across the ranks of ``ranks`` (a
         :class:`~bgflow_gate.distributed.Ranks`; a collective), so that every rank's window,
         and the adaptive floor taken from it when the epoch closes, describe all ranks' samples."""
-        self._stats["epoch"].all_reduce(ranks)
+        self._stats.current.all_reduce(ranks)
 
     def reset_statistics(self) -> None:
         """Forget all statistics (the epoch and the adaptive floor stay)."""
-        self._stats = {w: EnergyStatistics() for w in _WINDOWS}
+        self._stats.reset()
 
     def report(self, window: str = "epoch") -> str:
         """A one-paragraph, human-readable account of what the gate did in ``window``."""
-        s = self.statistics(window)
-        kt = f" ({self.e_max_kt:.4g} kT)" if self.temperature is not None else ""
-        lines = [
-            f"epoch {s['epoch']:g}: E_max {s['e_max']:.4g} kJ/mol{kt}, E_cut {s['e_cut']:.4g} kJ/mol",
-            f"  {window}: {s['samples']} samples in {s['calls']} calls, "
-            f"{s['gated']} gated ({100 * s['gated_fraction']:.1f} %)"
-            if s["samples"]
-            else f"  {window}: no samples",
-        ]
-        if s["samples"]:
-            lines.append(
-                f"  gated because: over E_max {s['over_e_max']}, non-finite energy "
-                f"{s['nonfinite_energy']}, non-finite coordinates {s['nonfinite_coordinates']}, "
-                f"target error {s['target_errors']}"
-            )
-            lines.append(
-                f"  raw energy [kJ/mol]: min {s['energy_min']:.4g}, p50 {s['energy_p50']:.4g}, "
-                f"p90 {s['energy_p90']:.4g}, max {s['energy_max']:.4g}"
-            )
-        return "\n".join(lines)
+        return describe_statistics(self.statistics(window), window,
+                                   self.e_max_kt if self.temperature is not None else None)
 
     # -- persistence (part of the module's state_dict) -------------------------------
 
@@ -473,7 +349,7 @@ class ScheduledEnergyGate(bg.Energy):
             "floor": self._floor,
             "relax": self._relax,
             "schedule": self.schedule.to_dict(),
-            "statistics": {w: s.state_dict() for w, s in self._stats.items()},
+            "statistics": self._stats.state_dict(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -481,19 +357,33 @@ class ScheduledEnergyGate(bg.Energy):
         self._epoch = float(state["epoch"])
         self._floor = state["floor"]
         self._relax = float(state.get("relax", 1.0))
-        for window, stats_state in state["statistics"].items():
-            if window not in _WINDOWS:
-                raise ValueError(f"unknown statistics window {window!r} in gate state")
-            stats = EnergyStatistics()
-            stats.load_state_dict(stats_state)
-            self._stats[window] = stats
+        self._stats.load_state_dict(state["statistics"])
 
     def extra_repr(self) -> str:
         temp = "" if self.temperature is None else f", temperature={self.temperature:g}"
-        adaptive = (
-            "" if self.adaptive_quantile is None else f", adaptive_quantile={self.adaptive_quantile:g}"
-        )
-        return (
-            f"schedule={self.schedule!r}, e_cut={self.e_cut:g}, "
-            f"target_unit={self.target_unit!r}{temp}{adaptive}"
-        )
+        adaptive = "" if self.adaptive_quantile is None else f", adaptive_quantile={self.adaptive_quantile:g}"
+        return (f"schedule={self.schedule!r}, e_cut={self.e_cut:g}, target_unit={self.target_unit!r}"
+                f"{temp}{adaptive}, above_cut={self.above_cut!r}")
+
+
+def gate_for(generator, gate: "ScheduledEnergyGate | bool | None", train_energy: bool,
+             options: dict) -> "ScheduledEnergyGate | None":
+    """The gate a trainer uses: none for ``gate=False``; the generator's target if it is a
+    gate; a given gate (it must wrap the generator's target); otherwise a new one built by
+    :meth:`ScheduledEnergyGate.for_generator` from ``options`` (none without energy training)."""
+    target = generator_target(generator)
+    if gate is False:
+        if isinstance(target, ScheduledEnergyGate):
+            raise ValueError("gate=False, but the generator's target is a gate; give it the raw target")
+        return None
+    if isinstance(target, ScheduledEnergyGate):
+        if gate is not None and gate is not target:
+            raise ValueError("the generator's target is already a gate; do not pass another one")
+        return target
+    if gate is not None:
+        if gate.target is not target:
+            raise ValueError("gate must wrap the generator's target (gate.target is not the generator's target)")
+        return gate
+    if target is None or not train_energy:
+        return None
+    return ScheduledEnergyGate.for_generator(generator, **options)

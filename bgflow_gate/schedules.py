@@ -74,6 +74,11 @@ class Schedule:
     def _value(self, epoch: float) -> float:
         raise NotImplementedError
 
+    @property
+    def final_e_max(self) -> float:
+        """The E_max the schedule ends at, kJ/mol (the strictest it gets)."""
+        return self._value(math.inf)
+
     def stages(self) -> list[tuple[str, float, float, str]]:
         """The stages as ``(name, first_epoch, end_epoch, description)``; the last ends at inf."""
         raise NotImplementedError

@@ -21,7 +21,7 @@ import enum
 import functools
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +31,6 @@ __all__ = [
     "EnergyStatistics",
     "BINS_PER_DECADE",
     "SYMLOG_RANGE",
-    "HISTORY_KEYS",
-    "write_history",
-    "TrainingHealthWarning",
-    "HealthMonitor",
 ]
 
 #: Histogram resolution of raw energies (bins per decade of ``log10(1 + |E|)``).
@@ -78,14 +74,14 @@ class EnergyStatistics:
     def __init__(self) -> None:
         self.calls = 0
         self.samples = 0
-        self._counts: Optional[torch.Tensor] = None  # int64 [len(GateReason)]
-        self._hist: Optional[torch.Tensor] = None  # int64 [_N_BINS], finite energies
-        self._extremes: Optional[torch.Tensor] = None  # float64 [2]: min, max of finite
+        self._counts: torch.Tensor | None = None  # int64 [len(GateReason)]
+        self._hist: torch.Tensor | None = None  # int64 [_N_BINS], finite energies
+        self._extremes: torch.Tensor | None = None  # float64 [2]: min, max of finite
         self._pending: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self._pending_samples = 0
 
     @property
-    def device(self) -> Optional[torch.device]:
+    def device(self) -> torch.device | None:
         """Where the accumulators live (``None`` before the first update)."""
         if self._pending:
             return self._pending[-1][0].device
@@ -291,204 +287,68 @@ class EnergyStatistics:
         self._extremes = state["extremes"].to(target, torch.float64)
 
 
-# -- epoch history ------------------------------------------------------------------------
-
-#: Keys every epoch record of a trainer's history has.
-HISTORY_KEYS = (
-    "epoch", "e_max", "scheduled_e_max", "batches", "batches_skipped", "skip_rate",
-    "steps_skipped", "nonfinite_steps", "samples", "samples_gated", "nonfinite",
-    "energy_p50", "energy_p90", "energy_max", "kll", "nll", "logdet_mean", "logdet_std", "lr", "seconds",
-)
+#: The statistics windows of a gate: the current whole epoch, the last completed one, and
+#: everything since construction.
+WINDOWS = ("epoch", "previous", "total")
 
 
-def write_history(history: list[dict], path) -> None:
-    """Write epoch records as CSV (``.csv``) or JSON lines (any other suffix, e.g. ``.jsonl``).
+class StatisticsWindows:
+    """A gate's statistics over :data:`WINDOWS`: calls update the current epoch's window,
+    which :meth:`close_epoch` turns into the previous one (and adds to the total)."""
 
-    List-valued fields (alerts, actions) are joined with ``"; "`` in CSV.
-    """
-    import csv
-    import json
-    from pathlib import Path
+    def __init__(self) -> None:
+        self.reset()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() != ".csv":
-        def plain(value):  # JSON has no NaN or infinity: write null
-            return None if isinstance(value, float) and not math.isfinite(value) else value
+    def reset(self) -> None:
+        """Forget everything."""
+        self._windows = {w: EnergyStatistics() for w in WINDOWS}
 
-        with path.open("w") as fh:
-            for record in history:
-                fh.write(json.dumps({k: plain(v) for k, v in record.items()}) + "\n")
-        return
-    keys: list[str] = []
-    for record in history:
-        keys += [k for k in record if k not in keys]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        for record in history:
-            writer.writerow({k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in record.items()})
+    @property
+    def current(self) -> EnergyStatistics:
+        """The current epoch's accumulator."""
+        return self._windows["epoch"]
+
+    def close_epoch(self) -> EnergyStatistics:
+        """Start a new epoch window; returns the finished one."""
+        finished = self._windows["epoch"]
+        self._windows["total"].merge(finished)
+        self._windows["previous"] = finished
+        self._windows["epoch"] = EnergyStatistics()
+        return finished
+
+    def window(self, name: str) -> EnergyStatistics:
+        """The statistics of window ``name`` (``"total"`` includes the current epoch)."""
+        if name not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {name!r}")
+        if name != "total":
+            return self._windows[name]
+        total = self._windows["total"].copy()
+        total.merge(self._windows["epoch"])
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {w: s.state_dict() for w, s in self._windows.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, stats_state in state.items():
+            if name not in WINDOWS:
+                raise ValueError(f"unknown statistics window {name!r} in gate state")
+            stats = EnergyStatistics()
+            stats.load_state_dict(stats_state)
+            self._windows[name] = stats
 
 
-# -- health monitor -------------------------------------------------------------------------
-
-
-class TrainingHealthWarning(UserWarning):
-    """A warning sign of gated training: stalls, rising energies, a frozen flow."""
-
-
-class HealthMonitor:
-    """Watches the epoch history for the warning signs of a stalled gated training.
-
-    Each check fires once (a :class:`TrainingHealthWarning` naming the epoch and the
-    numbers, and an entry in that epoch's ``alerts``); ``rearm(name)`` lets it fire again.
-
-    Parameters
-    ----------
-    stall_epochs : int
-        ``all_skipped``: every KL batch skipped for this many consecutive epochs (20).
-    expected_skip_rate : dict
-        ``skip_rate_high``: the highest normal skip rate per schedule stage
-        (default: hold 0.10, warm-up 0.25, any other stage 0.10) ...
-    skip_window : int
-        ... exceeded in each of this many consecutive epochs (5).
-    energy_window : int
-        ``energy_rising``: the median raw energy rose by more than ``energy_rise_decades``
-        decades over this many epochs (10), or over five times as many (a slow rise, judged
-        on the medians of the first and last fifth of that window) ...
-    energy_rise_decades : float
-        ... (1.0).
-    flat_window : int
-        ``logdet_flat``: the mean log-det changed by less than ``flat_tolerance`` over this
-        many epochs (10), i.e. the flow stopped changing.
-    flat_tolerance : float
-        (1e-6, relative to ``1 + |mean log-det|``).
-    loss_patience : int
-        ``loss_flat``: the best KL (or NLL) loss did not improve by more than
-        ``loss_tolerance`` (relative) for this many epochs (50).
-    loss_tolerance : float
-        (1e-3).
-    """
-
-    CHECKS = ("all_skipped", "skip_rate_high", "energy_rising", "logdet_flat", "loss_flat")
-
-    def __init__(
-        self,
-        stall_epochs: int = 20,
-        expected_skip_rate: Optional[dict] = None,
-        skip_window: int = 5,
-        energy_window: int = 10,
-        energy_rise_decades: float = 1.0,
-        flat_window: int = 10,
-        flat_tolerance: float = 1e-6,
-        loss_patience: int = 50,
-        loss_tolerance: float = 1e-3,
-    ):
-        for name, value in (("stall_epochs", stall_epochs), ("skip_window", skip_window),
-                            ("energy_window", energy_window), ("flat_window", flat_window),
-                            ("loss_patience", loss_patience)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number of epochs, got {value!r}")
-        self.stall_epochs = stall_epochs
-        stages = ("hold", "warm-up", "final", "descent", "constant", "default")
-        unknown = set(expected_skip_rate or {}) - set(stages)
-        if unknown:
-            raise ValueError(
-                f"expected_skip_rate has unknown stage(s) {', '.join(sorted(unknown))}; "
-                f"the stages are {', '.join(stages)}"
-            )
-        self.expected_skip_rate = {"hold": 0.10, "warm-up": 0.25, "default": 0.10, **(expected_skip_rate or {})}
-        self.skip_window = skip_window
-        self.energy_window = energy_window
-        self.energy_rise_decades = energy_rise_decades
-        self.flat_window = flat_window
-        self.flat_tolerance = flat_tolerance
-        self.loss_patience = loss_patience
-        self.loss_tolerance = loss_tolerance
-        self.fired: dict[str, int] = {}  # check -> epoch it fired at
-        self._armed_at: dict[str, int] = {}  # check -> first epoch it may look at again
-
-    def rearm(self, name: str, epoch: int) -> None:
-        """Let check ``name`` fire again, judging only epochs from ``epoch`` on."""
-        self.fired.pop(name, None)
-        self._armed_at[name] = epoch
-
-    def check(self, history: list[dict], stage: str) -> list[tuple[str, str]]:
-        """Run the checks on the history (the last record is the epoch just finished).
-
-        Returns the ``(check, message)`` pairs that fire now; each also warns.
-        """
-        if not history:
-            return []
-        epoch = history[-1]["epoch"]
-        alerts = []
-        for name in self.CHECKS:
-            if name in self.fired:
-                continue
-            recent = [r for r in history if r["epoch"] >= self._armed_at.get(name, 0)]
-            message = getattr(self, f"_{name}")(recent, stage)
-            if message:
-                self.fired[name] = epoch
-                text = f"epoch {epoch}: {message}"
-                warnings.warn(text, TrainingHealthWarning, stacklevel=4)  # at the train() call
-                alerts.append((name, text))
-        return alerts
-
-    def _all_skipped(self, h, stage):
-        last = h[-self.stall_epochs:]
-        if len(last) == self.stall_epochs and all(r["batches"] and r["batches_skipped"] == r["batches"] for r in last):
-            return (
-                f"every KL batch was skipped for {self.stall_epochs} epochs (E_max {last[-1]['e_max']:.3g} kJ/mol, "
-                f"median raw energy {last[-1]['energy_p50']:.3g} kJ/mol): the gate is stricter than the model"
-            )
-
-    def _skip_rate_high(self, h, stage):
-        limit = self.expected_skip_rate.get(stage, self.expected_skip_rate["default"])
-        last = h[-self.skip_window:]
-        if len(last) == self.skip_window and all(r["skip_rate"] > limit for r in last):
-            return (
-                f"KL skip rate {last[-1]['skip_rate']:.0%} has been above {limit:.0%}, the expected level of the "
-                f"{stage} stage, for {self.skip_window} epochs"
-            )
-
-    def _energy_rising(self, h, stage):
-        # a fast rise within energy_window epochs, or a slow one within 5 x energy_window
-        # (judged on the medians of the first and last fifths, so one noisy epoch does not count)
-        for window in (self.energy_window, 5 * self.energy_window):
-            if len(h) < window:
-                return None
-            values = [r["energy_p50"] for r in h[-window:]]
-            k = max(1, window // 5) if window > self.energy_window else 1
-            first, last = float(np.median(values[:k])), float(np.median(values[-k:]))
-            if not (math.isfinite(first) and math.isfinite(last) and first > 0 and last > 0):
-                continue
-            if math.log10(last) - math.log10(first) > self.energy_rise_decades:
-                return f"the median raw energy rose from {first:.3g} to {last:.3g} kJ/mol over {window} epochs"
-        return None
-
-    def _logdet_flat(self, h, stage):
-        last = [r["logdet_mean"] for r in h[-self.flat_window:]]
-        if len(last) < self.flat_window or not all(math.isfinite(v) for v in last):
-            return None
-        if max(last) - min(last) < self.flat_tolerance * (1 + abs(last[-1])):
-            return f"the mean log-det stayed at {last[-1]:.6g} for {self.flat_window} epochs: the flow is not changing"
-
-    def _loss_flat(self, h, stage):
-        key = "kll" if any(math.isfinite(r["kll"]) for r in h) else "nll"
-        values = [r[key] for r in h]
-        if len(values) <= self.loss_patience:
-            return None
-        before = [v for v in values[: -self.loss_patience] if math.isfinite(v)]
-        recent = [v for v in values[-self.loss_patience:] if math.isfinite(v)]
-        if not before:
-            return None
-        best = min(before)
-        if not recent or min(recent) > best - self.loss_tolerance * abs(best):
-            return f"the {key.upper()} loss has not improved on {best:.4g} for {self.loss_patience} epochs"
-
-    def state_dict(self) -> dict:
-        return {"fired": dict(self.fired), "armed_at": dict(self._armed_at)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.fired = dict(state["fired"])
-        self._armed_at = dict(state["armed_at"])
+def describe_statistics(s: dict[str, Any], window: str, e_max_kt: float | None = None) -> str:
+    """A one-paragraph account of a gate's :meth:`~bgflow_gate.ScheduledEnergyGate.statistics`."""
+    kt = f" ({e_max_kt:.4g} kT)" if e_max_kt is not None else ""
+    lines = [f"epoch {s['epoch']:g}: E_max {s['e_max']:.4g} kJ/mol{kt}, E_cut {s['e_cut']:.4g} kJ/mol"]
+    if not s["samples"]:
+        return "\n".join(lines + [f"  {window}: no samples"])
+    return "\n".join(lines + [
+        f"  {window}: {s['samples']} samples in {s['calls']} calls, "
+        f"{s['gated']} gated ({100 * s['gated_fraction']:.1f} %)",
+        f"  gated because: over E_max {s['over_e_max']}, non-finite energy {s['nonfinite_energy']}, "
+        f"non-finite coordinates {s['nonfinite_coordinates']}, target error {s['target_errors']}",
+        f"  raw energy [kJ/mol]: min {s['energy_min']:.4g}, p50 {s['energy_p50']:.4g}, "
+        f"p90 {s['energy_p90']:.4g}, max {s['energy_max']:.4g}",
+    ])

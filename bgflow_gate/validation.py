@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 __all__ = ["check_number", "check_whole", "check_fraction", "check_open_fraction"]
 
 
-def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = None, strict: bool = False) -> float:
+def check_number(value: Any, name: str, what: str, *, lower: float | None = None, strict: bool = False) -> float:
     """``float(value)`` if it is finite and not below ``lower``; otherwise a ``ValueError``.
 
     Parameters
@@ -27,8 +27,12 @@ def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = N
 
     Examples
     --------
-    >>> check_number("300", "temperature", "temperature in K", lower=0, strict=True)
+    >>> check_number(300, "temperature", "temperature in K", lower=0, strict=True)
     300.0
+    >>> check_number("1e10", "e_initial", "energy in kJ/mol")
+    Traceback (most recent call last):
+    ...
+    ValueError: e_initial must be a finite energy in kJ/mol, got '1e10' (a string; give a number)
     >>> check_number(-1, "e_final", "energy in kJ/mol", lower=0, strict=True)
     Traceback (most recent call last):
     ...
@@ -40,6 +44,8 @@ def check_number(value: Any, name: str, what: str, *, lower: Optional[float] = N
     elif lower is not None:
         bound = f" {'greater than' if strict else 'at least'} {lower:g}"
     message = f"{name} must be a {kind}finite {what}{bound}, got {value!r}"
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{message} (a string; give a number)")
     if isinstance(value, bool):
         raise ValueError(message)
     try:

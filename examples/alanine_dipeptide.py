@@ -93,14 +93,12 @@ def main(argv=None) -> dict:
     checkpoint = copy.deepcopy(generator.state_dict())
 
     def continuation(name, make_trainer, **train_kwargs):
-        generator._target = target  # unwrap the gate an earlier run put around the target
-        generator.load_state_dict(checkpoint)
+        generator.load_state_dict(checkpoint)  # the trainers leave the generator's target as it is
         torch.manual_seed(args.seed + 1)
         optim = torch.optim.Adam(generator.parameters(), lr=5e-4)
         trainer = make_trainer(optim)
         begin = time.perf_counter()
         trainer.train(args.mixed_iters, data=train, batchsize=args.batch, **train_kwargs)
-        generator._target = target
         results[name] = {**evaluate(generator, target, test), "seconds": time.perf_counter() - begin}
 
     continuation("control (NLL only)", lambda o: ProgressiveKLTrainer(generator, o, train_energy=False))

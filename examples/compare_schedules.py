@@ -115,8 +115,7 @@ def main(argv=None) -> dict:
     initial = copy.deepcopy(generator.state_dict())
 
     def fresh():
-        generator._target = target  # unwrap the gate a previous run put around the target
-        generator.load_state_dict(initial)
+        generator.load_state_dict(initial)  # the trainers leave the generator's target as it is
         torch.manual_seed(args.seed + 1)
         return generator
 

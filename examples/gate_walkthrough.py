@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
 
     target = LennardJonesCluster()
     gates = {
-        "three-stage": ScheduledEnergyGate(target, ThreeStageSchedule(), e_cut=500.0),
-        "legacy": ScheduledEnergyGate(target, LinearSchedule(), e_cut=500.0),
+        "three-stage": ScheduledEnergyGate(target, ThreeStageSchedule(), e_cut=500.0, target_unit="kJ/mol"),
+        "legacy": ScheduledEnergyGate(target, LinearSchedule(), e_cut=500.0, target_unit="kJ/mol"),
     }
     gen = torch.Generator().manual_seed(args.seed)
     print(

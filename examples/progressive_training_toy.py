@@ -31,12 +31,13 @@ import torch
 
 from bgflow_gate import LinearSchedule, ProgressiveKLTrainer, ThreeStageSchedule, TrainingHealthWarning
 from bgflow_gate.systems.toy import steep_well_generator
+from bgflow_gate.targets import generator_target
 
 
 def run(name: str, schedule, epochs: int, mixed: bool, **kwargs) -> list[dict]:
     torch.manual_seed(0)
     generator = steep_well_generator()
-    data = generator._target.sample(2560, generator=torch.Generator().manual_seed(1))
+    data = generator_target(generator).sample(2560, generator=torch.Generator().manual_seed(1))
     trainer = ProgressiveKLTrainer(
         generator, torch.optim.Adam(generator.parameters(), lr=0.05), train_likelihood=mixed,
         schedule=schedule, target_unit="kJ/mol", iters_per_epoch=10, **kwargs,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from bgflow_gate import ConstantSchedule, ProgressiveKLTrainer, bg
 from bgflow_gate.systems.toy import steep_well_generator
+from bgflow_gate.targets import generator_target
 
 
 def spawn(fn, world: int, *args, timeout: float = 120.0) -> list[int]:
@@ -99,7 +100,7 @@ def make_trainer(rank, ddp=True, target_kwargs=None, seed=0, **kwargs):
     """The steep-well generator (flow wrapped in DDP) and a gated trainer."""
     torch.manual_seed(seed)
     gen = steep_well_generator()
-    target = Recording(gen._target, rank, **(target_kwargs or {}))
+    target = Recording(generator_target(gen), rank, **(target_kwargs or {}))
     flow = torch.nn.parallel.DistributedDataParallel(gen.flow) if ddp else gen.flow
     gen = bg.BoltzmannGenerator(gen.prior, flow, target)
     data = target.inner.sample(1280, generator=torch.Generator().manual_seed(1))
@@ -110,7 +111,7 @@ def make_trainer(rank, ddp=True, target_kwargs=None, seed=0, **kwargs):
 
 
 def _result(gen, trainer, **extra):
-    target = trainer.gate.target if trainer.gate is not None else gen._target
+    target = trainer.gate.target if trainer.gate is not None else generator_target(gen)
     return {
         "params": {k: v.clone() for k, v in trainer.state_dict()["bg"].items() if k.startswith("_flow.")},
         "history": trainer.history,
@@ -128,7 +129,7 @@ def forced_skips(rank, world, out, skip_policy, value, rows=200):
         target_kwargs=dict(poison_ranks=(1,), poison_every=3, poison_rows=rows, value=value),
     )
     trainer.train(n_epochs=4, data=data, batchsize=256, w_likelihood=0.5, w_energy=0.5)
-    torch.save(_result(gen, trainer, data_first=trainer._samplers["data"][1].data[0][:3],
+    torch.save(_result(gen, trainer, data_first=trainer.samplers["data"].data[:3],
                        total=trainer.gate.statistics("total")), out / f"rank{rank}.pt")
 
 

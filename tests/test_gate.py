@@ -23,8 +23,14 @@ from targets import Fixed, InversePower, Quadratic, RaisesAbove, Ratio
 NAN, INF = math.nan, math.inf
 
 
+
+def gate_of(target, **kwargs):
+    """A gate around a test target whose energies are in kJ/mol."""
+    kwargs.setdefault("target_unit", "kJ/mol")
+    return ScheduledEnergyGate(target, **kwargs)
+
 def fixed_gate(e_max=1e4, e_cut=10.0, **kwargs):
-    return ScheduledEnergyGate(Fixed(), schedule=ConstantSchedule(e_max), e_cut=e_cut, **kwargs)
+    return gate_of(Fixed(), schedule=ConstantSchedule(e_max), e_cut=e_cut, **kwargs)
 
 
 def energies(values, dtype=torch.float64, requires_grad=False):
@@ -79,7 +85,7 @@ def test_energies_above_e_max_are_gated_to_a_finite_constant_without_gradient():
 
 @pytest.mark.parametrize("numerator", [1.0, -1.0, 0.0])  # x / 0: inf, -inf, NaN
 def test_non_finite_energies_are_gated_and_give_finite_output_and_gradients(numerator):
-    gate = ScheduledEnergyGate(Ratio(), schedule=1e4, e_cut=10.0)
+    gate = gate_of(Ratio(), schedule=1e4, e_cut=10.0)
     x = torch.tensor([[2.0, 1.0], [numerator, 0.0]], requires_grad=True)
     out = gate.energy(x)
     out.sum().backward()
@@ -91,7 +97,7 @@ def test_non_finite_energies_are_gated_and_give_finite_output_and_gradients(nume
 
 def test_a_target_whose_backward_makes_nan_for_a_gated_sample_gives_zero_gradient_there():
     # 1/|x|^12 at x = 0: energy inf, and the target's backward computes 0 * inf = NaN.
-    gate = ScheduledEnergyGate(InversePower(), schedule=1e6, e_cut=10.0)
+    gate = gate_of(InversePower(), schedule=1e6, e_cut=10.0)
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.1, 0.0, 0.0]], requires_grad=True)
     gate.energy(x).sum().backward()
     assert gate.last_reasons.tolist() == [GateReason.NONFINITE_ENERGY, GateReason.KEPT, GateReason.OVER_E_MAX]
@@ -103,7 +109,7 @@ def test_a_target_whose_backward_makes_nan_for_a_gated_sample_gives_zero_gradien
 
 def test_samples_with_non_finite_coordinates_are_gated_without_calling_the_target():
     target = Quadratic(dim=2)
-    gate = ScheduledEnergyGate(target, schedule=1e4, e_cut=100.0)
+    gate = gate_of(target, schedule=1e4, e_cut=100.0)
     x = torch.tensor([[1.0, 2.0], [NAN, 0.0], [3.0, INF], [0.0, 1.0]], requires_grad=True)
     out = gate.energy(x)
     out.sum().backward()
@@ -120,7 +126,7 @@ def test_samples_with_non_finite_coordinates_are_gated_without_calling_the_targe
 
 def test_a_batch_of_only_non_finite_coordinates_never_reaches_the_target():
     target = Quadratic(dim=2)
-    gate = ScheduledEnergyGate(target, schedule=1e4)
+    gate = gate_of(target, schedule=1e4)
     out = gate.energy(torch.full((3, 2), NAN))
     assert target.calls == []
     assert gate.last_gated.tolist() == [True, True, True]
@@ -129,7 +135,7 @@ def test_a_batch_of_only_non_finite_coordinates_never_reaches_the_target():
 
 def test_a_target_that_raises_for_one_sample_keeps_the_rest_of_the_batch():
     target = RaisesAbove(limit=100.0)
-    gate = ScheduledEnergyGate(target, schedule=1e6, e_cut=1e3)
+    gate = gate_of(target, schedule=1e6, e_cut=1e3)
     x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [500.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
     with pytest.warns(RuntimeWarning, match="simulated engine failure"):
         out = gate.energy(x)
@@ -148,20 +154,20 @@ def test_a_target_returning_the_wrong_shape_is_a_clear_error():
         def _energy(self, x):
             return (x**2).sum(-1)
 
-    gate = ScheduledEnergyGate(Flat(2))
+    gate = gate_of(Flat(2))
     with pytest.raises(ValueError, match=r"returned \(4,\).*\[batch, 1\]"):
         gate.energy(torch.zeros(4, 2))
 
 
 def test_the_wrapped_target_is_evaluated_once_per_call():
     target = Quadratic(dim=2)
-    gate = ScheduledEnergyGate(target)
+    gate = gate_of(target)
     gate.energy(torch.randn(64, 2))
     assert len(target.calls) == 1 and target.calls[0].shape == (64, 2)
 
 
 def test_leading_batch_dimensions_are_kept():
-    gate = ScheduledEnergyGate(Quadratic(dim=2), schedule=50.0, e_cut=1e3)
+    gate = gate_of(Quadratic(dim=2), schedule=50.0, e_cut=40.0)
     x = torch.zeros(4, 3, 2)
     x[1, 2] = 10.0
     out = gate.energy(x)
@@ -179,7 +185,7 @@ def test_energies_with_several_inputs_are_gated_per_sample():
         def _energy(self, a, b):
             return (a**2).sum(-1, keepdim=True) + (b**2).sum(-1, keepdim=True)
 
-    gate = ScheduledEnergyGate(Pair(), schedule=100.0, e_cut=1e3)
+    gate = gate_of(Pair(), schedule=100.0, e_cut=50.0)
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[0.0, 0.0, 1.0], [20.0, 0.0, 0.0], [NAN, 0.0, 0.0]])
     out = gate.energy(a, b)
@@ -194,7 +200,7 @@ def test_energy_divides_by_temperature_like_bgflow():
 
 
 def test_force_is_minus_the_gradient_and_zero_for_gated_samples():
-    gate = ScheduledEnergyGate(Quadratic(dim=2), schedule=100.0, e_cut=1e3)
+    gate = gate_of(Quadratic(dim=2), schedule=100.0, e_cut=50.0)
     force = gate.force(torch.tensor([[1.0, 2.0], [30.0, 0.0]]))
     assert force.tolist() == [[-2.0, -4.0], [0.0, 0.0]]
 
@@ -231,15 +237,21 @@ def test_e_max_in_kt_without_a_temperature_says_what_is_missing():
     [
         ({"target_unit": "eV"}, "target_unit must be 'kJ/mol' or 'kT'"),
         ({"target_unit": "kT", "temperature": -3.0}, "temperature must be a positive"),
-        ({"e_cut": NAN}, "e_cut must be a finite"),
-        ({"e_cut": "high"}, "e_cut must be a finite energy in kJ/mol, got .high."),
+        ({"e_cut": NAN}, "e_cut must be a positive, finite energy in kJ/mol, got nan"),
+        ({"e_cut": "high"}, "e_cut must be a positive, finite energy in kJ/mol, got 'high' .a string"),
+        ({"e_cut": -5.0}, "e_cut must be a positive"),
+        ({"e_cut": 0.0}, "e_cut must be a positive"),
+        ({"e_cut": 2e5}, r"E_cut \(200000 kJ/mol\) must lie below the final E_max \(100000 kJ/mol\)"),
+        ({"e_cut": 2e10}, "must lie below the final E_max"),
         ({"adaptive_quantile": 1.0}, "adaptive_quantile must lie strictly between 0 and 1"),
+        ({"above_cut": "entropy"}, "above_cut must be one of 'energy', 'energy\\+entropy', 'none'"),
+        ({"target_unit": None}, r"the unit of the target's energies \(Fixed\) cannot be determined"),
         ({"schedule": {"type": "cosine"}}, "schedule type 'cosine' is unknown"),
     ],
 )
 def test_bad_construction_arguments_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ScheduledEnergyGate(Fixed(), **kwargs)
+        gate_of(Fixed(), **kwargs)
 
 
 def test_a_target_that_is_not_an_energy_is_rejected():
@@ -251,14 +263,14 @@ def test_a_target_that_is_not_an_energy_is_rejected():
 
 
 def test_the_default_schedule_is_the_three_stage_one():
-    gate = ScheduledEnergyGate(Fixed())
+    gate = gate_of(Fixed())
     assert gate.schedule == ThreeStageSchedule()
     assert gate.e_cut == 500.0
     assert gate.e_max == 1e10
 
 
 def test_set_epoch_moves_e_max_along_the_schedule():
-    gate = ScheduledEnergyGate(Fixed(), e_cut=10.0)
+    gate = gate_of(Fixed(), e_cut=10.0)
     x = energies([5e7])
     gate.set_epoch(100.0)
     assert gate.epoch == 100.0
@@ -273,7 +285,7 @@ def test_set_epoch_moves_e_max_along_the_schedule():
 @pytest.mark.parametrize("epoch", [-1.0, NAN, "ten"])
 def test_set_epoch_rejects_negative_or_non_numbers(epoch):
     with pytest.raises(ValueError, match="epoch"):
-        ScheduledEnergyGate(Fixed()).set_epoch(epoch)
+        gate_of(Fixed()).set_epoch(epoch)
 
 
 # -- dtype and device -----------------------------------------------------------------------
@@ -295,7 +307,7 @@ def test_float32_energies_near_e_max_are_gated_by_value():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_output_and_statistics_stay_on_the_gpu():
-    gate = ScheduledEnergyGate(Quadratic(dim=2), schedule=100.0, e_cut=10.0)
+    gate = gate_of(Quadratic(dim=2), schedule=100.0, e_cut=10.0)
     x = torch.tensor([[1.0, 0.0], [20.0, 0.0], [NAN, 0.0]], device="cuda", requires_grad=True)
     out = gate.energy(x)
     out.sum().backward()
@@ -310,7 +322,7 @@ def test_on_cuda_output_and_statistics_stay_on_the_gpu():
 
 
 def test_statistics_count_samples_by_reason_and_give_raw_energy_quantiles():
-    gate = ScheduledEnergyGate(Ratio(), schedule=1e6, e_cut=10.0)
+    gate = gate_of(Ratio(), schedule=1e6, e_cut=10.0)
     finite = torch.logspace(0, 8, 90, dtype=torch.float64)
     x = torch.ones(100, 2, dtype=torch.float64)
     x[:90, 0] = finite
@@ -357,7 +369,7 @@ def test_statistics_windows_follow_whole_epochs():
 
 
 def test_report_says_what_was_gated_and_why():
-    gate = ScheduledEnergyGate(Ratio(), schedule=1e5, e_cut=500.0, temperature=300.0)
+    gate = gate_of(Ratio(), schedule=1e5, e_cut=500.0, temperature=300.0)
     gate.energy(torch.tensor([[10.0, 1.0], [2e5, 1.0], [1.0, 0.0], [NAN, 1.0]]))
     text = gate.report()
     assert "E_max 1e+05 kJ/mol (4.009e+04 kT)" in text
@@ -371,7 +383,7 @@ def test_report_says_what_was_gated_and_why():
 
 def test_adaptive_e_max_never_falls_below_the_previous_epochs_quantile():
     schedule = LinearSchedule(e_initial=1e7, e_final=1e3, epochs=2)
-    gate = ScheduledEnergyGate(Fixed(), schedule=schedule, adaptive_quantile=0.9, e_cut=10.0)
+    gate = gate_of(Fixed(), schedule=schedule, adaptive_quantile=0.9, e_cut=10.0)
     gate.energy(energies([float(v) for v in range(1, 101)]))  # epoch 0: p90 is 90 (nearest rank)
     gate.set_epoch(2.0)
     assert gate.scheduled_e_max == 1e3
@@ -386,7 +398,7 @@ def test_adaptive_e_max_never_falls_below_the_previous_epochs_quantile():
 
 
 def test_without_adaptive_quantile_e_max_is_the_schedule():
-    gate = ScheduledEnergyGate(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2))
+    gate = gate_of(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2))
     gate.energy(energies([1e6] * 10))
     gate.set_epoch(2.0)
     assert gate.e_max == 1e3 and gate.e_max_floor is None
@@ -396,13 +408,13 @@ def test_without_adaptive_quantile_e_max_is_the_schedule():
 
 
 def test_state_dict_restores_epoch_schedule_floor_and_statistics():
-    gate = ScheduledEnergyGate(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2), adaptive_quantile=0.5)
+    gate = gate_of(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2), adaptive_quantile=0.5)
     gate.energy(energies([1.0, 1e5, NAN]))
     gate.set_epoch(1.5)
     gate.energy(energies([7.0]))
     state = gate.state_dict()
 
-    restored = ScheduledEnergyGate(Fixed(), adaptive_quantile=0.5)
+    restored = gate_of(Fixed(), adaptive_quantile=0.5)
     restored.load_state_dict(state)
     assert restored.epoch == 1.5
     assert restored.schedule == LinearSchedule(1e7, 1e3, 2)
@@ -439,7 +451,7 @@ def test_a_call_reads_one_value_back_and_statistics_read_none_until_asked(monkey
     from bgflow_gate.stats import EnergyStatistics
 
     monkeypatch.setattr(EnergyStatistics, "FOLD_AT", 64)  # fold inside the measured calls
-    gate = ScheduledEnergyGate(Quadratic(dim=2), schedule=100.0, e_cut=10.0)
+    gate = gate_of(Quadratic(dim=2), schedule=100.0, e_cut=10.0)
     x = torch.tensor([[1.0, 0.0], [20.0, 0.0]] * 20, requires_grad=True)
     with _HostReads() as mode:
         for _ in range(4):  # 160 samples: folded twice
@@ -451,14 +463,14 @@ def test_a_call_reads_one_value_back_and_statistics_read_none_until_asked(monkey
 
 
 def test_relax_multiplies_e_max_from_now_on_and_is_kept_in_the_state():
-    gate = ScheduledEnergyGate(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2), e_cut=10.0)
+    gate = gate_of(Fixed(), schedule=LinearSchedule(1e7, 1e3, 2), e_cut=10.0)
     gate.set_epoch(2.0)
     gate.relax(10.0)
     gate.relax(5.0)
     assert gate.relaxation == 50.0 and gate.e_max == 5e4
     gate.energy(energies([4e4, 6e4]))
     assert gate.last_gated.tolist() == [False, True]
-    restored = ScheduledEnergyGate(Fixed())
+    restored = gate_of(Fixed())
     restored.load_state_dict(gate.state_dict())
     assert restored.e_max == 5e4
     with pytest.raises(ValueError, match="factor must be a finite factor greater than 1, got 0.5"):
@@ -467,7 +479,7 @@ def test_relax_multiplies_e_max_from_now_on_and_is_kept_in_the_state():
 
 def test_a_target_that_raises_for_every_sample_is_a_bug_and_re_raises():
     target = RaisesAbove(limit=-1.0)  # raises for any batch
-    gate = ScheduledEnergyGate(target, schedule=1e6)
+    gate = gate_of(target, schedule=1e6)
     with pytest.raises(RuntimeError, match="simulated engine failure"):
         gate.energy(torch.ones(8, 2))
     assert gate.last_gated is None  # nothing was reported as gated
@@ -479,4 +491,4 @@ def test_a_target_that_raises_on_an_empty_batch_re_raises():
             raise ValueError("empty batch")
 
     with pytest.raises(ValueError, match="empty batch"):
-        ScheduledEnergyGate(Empty(2)).energy(torch.zeros(0, 2))
+        gate_of(Empty(2)).energy(torch.zeros(0, 2))

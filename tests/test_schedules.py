@@ -156,8 +156,11 @@ def test_constant_rejects_invalid_values_naming_the_argument(bad):
         ConstantSchedule(bad)
 
 
-def test_energies_given_as_numeric_strings_are_accepted():
-    assert ThreeStageSchedule(e_initial="1e9").e_initial == 1e9
+def test_numbers_given_as_strings_are_rejected():
+    with pytest.raises(ValueError, match="e_initial must be a positive, finite energy in kJ/mol, got '1e9' .a string"):
+        ThreeStageSchedule(e_initial="1e9")
+    with pytest.raises(ValueError, match="epoch must be a non-negative, finite number of epochs, got '3' .a string"):
+        ThreeStageSchedule()("3")
 
 
 def test_three_stage_rejects_e_final_above_e_initial():

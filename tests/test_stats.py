@@ -104,7 +104,7 @@ def test_many_small_calls_are_folded_so_the_buffer_stays_small():
 def test_history_as_json_lines_writes_null_for_nan_and_infinity(tmp_path):
     import json
 
-    from bgflow_gate.stats import write_history
+    from bgflow_gate.training import write_history
 
     write_history([{"epoch": 0, "kll": math.nan, "energy_max": math.inf, "alerts": []}], tmp_path / "h.jsonl")
     assert json.loads((tmp_path / "h.jsonl").read_text()) == {"epoch": 0, "kll": None, "energy_max": None, "alerts": []}

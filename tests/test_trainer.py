@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +22,9 @@ from bgflow_gate import (
     TrainingHealthWarning,
     bg,
 )
-from bgflow_gate.stats import HISTORY_KEYS
-from bgflow_gate.trainer import clip_gradient
+from bgflow_gate.training import HISTORY_KEYS
+from bgflow_gate.targets import generator_target
+from bgflow_gate.training import clip_gradient
 from bgflow_gate.systems.toy import ElementwiseAffineFlow, steep_well_generator
 
 FAST_THREE_STAGE = ThreeStageSchedule(1e10, 1e5, hold_epochs=5, warmup_epochs=30)
@@ -31,7 +34,7 @@ def make(schedule=FAST_THREE_STAGE, lr=0.05, seed=0, **kwargs):
     """A steep-well generator (untrained energies ~1e8 kJ/mol), its data and a trainer."""
     torch.manual_seed(seed)
     gen = steep_well_generator()
-    data = gen._target.sample(2560, generator=torch.Generator().manual_seed(1))
+    data = generator_target(gen).sample(2560, generator=torch.Generator().manual_seed(1))
     kwargs.setdefault("target_unit", "kJ/mol")
     trainer = ProgressiveKLTrainer(gen, torch.optim.Adam(gen.parameters(), lr=lr), schedule=schedule, **kwargs)
     return gen, data, trainer
@@ -110,12 +113,23 @@ def test_adaptive_quantile_keeps_a_too_short_warm_up_from_stalling():
 # -- drop-in behaviour ----------------------------------------------------------------------
 
 
-def test_the_generator_target_is_wrapped_in_a_default_gate_with_explicit_units():
-    gen, _, trainer = make(schedule=None)
-    assert isinstance(gen._target, ScheduledEnergyGate) and gen._target is trainer.gate
-    assert trainer.gate.schedule == ThreeStageSchedule() and trainer.gate.target_unit == "kJ/mol"
-    again = ProgressiveKLTrainer(gen)  # an existing gate is used as it is
-    assert again.gate is trainer.gate
+def test_the_trainer_gates_the_generators_target_without_changing_the_generator():
+    torch.manual_seed(0)
+    gen = steep_well_generator()
+    target = generator_target(gen)
+    trainer = ProgressiveKLTrainer(gen, target_unit="kJ/mol")
+    assert generator_target(gen) is target  # the generator still has its own target
+    assert trainer.gate.target is target and trainer.gate.schedule == ThreeStageSchedule()
+    assert trainer.gate.target_unit == "kJ/mol"
+    gated = bg.BoltzmannGenerator(gen.prior, gen.flow, trainer.gate)
+    assert ProgressiveKLTrainer(gated).gate is trainer.gate  # a generator whose target is a gate keeps it
+
+
+def test_for_generator_builds_a_gate_around_the_target_and_leaves_the_generator_alone():
+    gen = steep_well_generator()
+    target = generator_target(gen)
+    gate = ScheduledEnergyGate.for_generator(gen, target_unit="kJ/mol", schedule=1e6)
+    assert gate.target is target and generator_target(gen) is target and gate.e_max == 1e6
 
 
 def test_a_target_of_unknown_unit_is_an_error_that_says_what_to_pass():
@@ -125,15 +139,15 @@ def test_a_target_of_unknown_unit_is_an_error_that_says_what_to_pass():
 
 
 def test_a_given_gate_must_wrap_the_generators_target():
-    gen, _, _ = make()
-    inner = gen._target.target
+    gen = steep_well_generator()
+    inner = generator_target(gen)
+    gate = ScheduledEnergyGate(inner, schedule=1e6, target_unit="kJ/mol")
+    assert ProgressiveKLTrainer(gen, gate=gate).gate is gate and generator_target(gen) is inner
+    gated = bg.BoltzmannGenerator(gen.prior, gen.flow, gate)
     with pytest.raises(ValueError, match="already a gate"):
-        ProgressiveKLTrainer(gen, gate=ScheduledEnergyGate(inner))
-    fresh = steep_well_generator()
-    gate = ScheduledEnergyGate(fresh._target, schedule=1e6)
-    assert ProgressiveKLTrainer(fresh, gate=gate).gate is gate and fresh._target is gate
+        ProgressiveKLTrainer(gated, gate=ScheduledEnergyGate(inner, target_unit="kJ/mol"))
     with pytest.raises(ValueError, match="must wrap the generator's target"):
-        ProgressiveKLTrainer(steep_well_generator(), gate=ScheduledEnergyGate(inner))
+        ProgressiveKLTrainer(steep_well_generator(), gate=gate)
 
 
 @pytest.mark.parametrize(
@@ -181,16 +195,43 @@ def test_clamp_policy_keeps_gated_samples_in_the_kl_term():
 
 
 def test_steps_with_nan_or_inf_gradients_are_not_applied_and_are_counted():
+    class NaNSampler:  # a sampler of the user's whose batches turn NaN (tensor data are checked up front)
+        def sample(self, n):
+            return torch.full((n, 2), math.nan)
+
     gen, data, trainer = make(iters_per_epoch=2, train_energy=False)
-    bad = data.clone()
-    bad[:] = math.nan
-    quiet(trainer.train, n_epochs=1, data=bad, batchsize=64)
+    quiet(trainer.train, n_epochs=1, data=NaNSampler(), batchsize=64)
     assert trainer.history[-1]["nonfinite_steps"] == 2 and gen.flow.shift.abs().max().item() == 0.0
 
     gen, data, trainer = make(iters_per_epoch=2, train_energy=False, custom_loss=lambda: None)
     trainer.custom_loss = lambda: (gen.flow.shift * math.inf).sum()  # an inf gradient, not NaN
     quiet(trainer.train, n_epochs=1, data=data, batchsize=64, w_custom=1.0)
     assert trainer.history[-1]["nonfinite_steps"] == 2 and gen.flow.shift.abs().max().item() == 0.0
+
+
+def test_training_data_with_nan_rows_is_an_error_naming_the_rows():
+    gen, data, trainer = make(iters_per_epoch=2, train_energy=False)
+    bad = data.clone()
+    bad[[3, 7]] = math.nan
+    with pytest.raises(ValueError, match=r"data has 2 row\(s\) with NaN or inf \(rows 3, 7\) of 2560"):
+        trainer.train(n_epochs=1, data=bad, batchsize=64)
+    assert trainer.iteration == 0
+
+
+def test_a_batch_size_of_zero_is_an_error():
+    gen, data, trainer = make(iters_per_epoch=2)
+    with pytest.raises(ValueError, match="batchsize must be a whole number >= 1, got 0"):
+        trainer.train(n_epochs=1, data=data, batchsize=0)
+
+
+def test_per_iteration_schedulers_step_after_the_optimiser_so_the_first_rate_is_used():
+    gen, data, trainer = make(iters_per_epoch=4, train_energy=False, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(trainer.optim, step_size=1, gamma=0.5)
+    seen = []
+    trainer.train(4, data=data, batchsize=64, schedulers=[(2, scheduler)],
+                  on_epoch_end=lambda t, record: seen.append(record["lr"]))
+    assert seen == [0.025]  # stepped after iterations 1 and 3 (0.1 -> 0.05 -> 0.025)
+    assert trainer.reporter.recent(4).shape == (1, 4)
 
 
 def test_clip_forces_clamps_each_force_component_on_the_samples():
@@ -221,6 +262,15 @@ def test_history_has_the_documented_fields_and_exports_as_csv_and_json_lines(tmp
     assert lines[0].startswith("epoch,e_max,scheduled_e_max,batches") and len(lines) == 3
     rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["batches"] == 3
+
+
+def test_the_history_keys_the_readme_documents_are_exactly_the_records_fields():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = re.search(r"the fields of\s+`bgflow_gate.training.EpochRecord`: `([^`]*)`", readme).group(1)
+    assert {k.strip() for k in documented.split(",")} == set(HISTORY_KEYS)
+    _, data, trainer = make(iters_per_epoch=2)
+    quiet(trainer.train, n_epochs=1, data=data, batchsize=32)
+    assert set(trainer.history[0]) == set(HISTORY_KEYS)
 
 
 def test_n_print_prints_a_summary_line_per_epoch_and_the_progress_bar_gets_numbers(capsys):
@@ -322,7 +372,7 @@ def test_tensorboard_logging_is_optional(tmp_path):
         return
     _, data, trainer = make(iters_per_epoch=2, log_dir=tmp_path)
     quiet(trainer.train, n_epochs=1, data=data, batchsize=32)
-    trainer._writer.flush()
+    trainer.close()
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
 

@@ -68,7 +68,7 @@ def test_parse_unit_error_names_the_given_argument():
         parse_unit("eV", name="target_unit")
 
 
-@pytest.mark.parametrize("value, expected", [(300, 300.0), ("310.5", 310.5), (1e-3, 1e-3)])
+@pytest.mark.parametrize("value, expected", [(300, 300.0), (310.5, 310.5), (1e-3, 1e-3)])
 def test_check_temperature_returns_a_float(value, expected):
     result = check_temperature(value)
     assert result == expected
