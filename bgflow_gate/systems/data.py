@@ -219,6 +219,9 @@ class Dataset:
 #: What a dataset file holds: key -> number of dimensions.
 _KEYS = {"positions": 2, "energies": 1, "acceptance": 1, "seconds": 0, "settings": 0}
 
+#: What a load error adds: how to get a good file.
+_REDO = "; write it again with 'bgflow-gate data --experiment NAME'"
+
 #: What goes wrong reading an ``.npz`` that is not whole.
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, TypeError)
 
@@ -254,7 +257,14 @@ def load_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset at {path}")
-    f = _read_arrays(path)
+    try:
+        return _dataset_from(path, _read_arrays(path))
+    except DatasetError as err:
+        raise DatasetError(f"{err}{_REDO}") from None
+
+
+def _dataset_from(path: Path, f: dict[str, np.ndarray]) -> Dataset:
+    """A :class:`Dataset` from the arrays of a file, their shapes checked."""
     for key, ndim in _KEYS.items():
         if f[key].ndim != ndim:
             raise DatasetError(f"{path}: {key} has {f[key].ndim} dimensions, {ndim} expected")
@@ -474,7 +484,7 @@ def _load_cached(path: Path) -> Dataset | None:
         dataset = load_dataset(path)
         problems = dataset_problems(dataset)
     except DatasetError as err:
-        problems = [str(err).removeprefix(f"{path}").lstrip(": ")]
+        problems = [str(err).removesuffix(_REDO).removeprefix(f"{path}").lstrip(": ")]
     if not problems:
         return dataset
     warnings.warn(f"data cache {path} is unusable ({'; '.join(problems)}); regenerating it", DataCacheWarning,
