@@ -613,6 +613,29 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
 # --------------------------------------------------------------------------------------
 
 
+def _principal_components(s: np.ndarray, keepdims: int):
+    """Mean, the ``keepdims`` leading eigenvectors (columns) and standard deviations of ``s``.
+
+    Raises
+    ------
+    ValueError
+        If a kept component has (numerically) zero variance.
+    """
+    mean = s.mean(axis=0)
+    cov = np.cov(s - mean, rowvar=False).reshape(s.shape[1], s.shape[1])
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1][:keepdims]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    tiny = max(float(np.max(eigval)), 0.0) * 1e-14
+    if not np.all(np.isfinite(eigval)) or np.any(eigval <= tiny):
+        raise ValueError(
+            f"the block's internal coordinates have (numerically) zero variance along "
+            f"{int(np.sum(~(eigval > tiny)))} of the {keepdims} kept principal "
+            "components in data; provide more varied data or a smaller keepdims"
+        )
+    return mean, eigvec, np.sqrt(eigval)
+
+
 class MixedCoordinateTransformation(_ICProperties, Flow):
     """A rigid block in whitened shape coordinates, every other atom as bond/angle/torsion.
 
@@ -757,20 +780,7 @@ class MixedCoordinateTransformation(_ICProperties, Flow):
                 "nearly collinear in some data frames; reorder fixed_atoms so that its first "
                 "three atoms span a plane"
             )
-        s = s.cpu().numpy()
-        mean = s.mean(axis=0)
-        cov = np.cov(s - mean, rowvar=False).reshape(self._dim_shape, self._dim_shape)
-        eigval, eigvec = np.linalg.eigh(cov)
-        order = np.argsort(eigval)[::-1][: self._keepdims]
-        eigval, eigvec = eigval[order], eigvec[:, order]
-        tiny = max(float(np.max(eigval)), 0.0) * 1e-14
-        if not np.all(np.isfinite(eigval)) or np.any(eigval <= tiny):
-            raise ValueError(
-                f"the block's internal coordinates have (numerically) zero variance along "
-                f"{int(np.sum(~(eigval > tiny)))} of the {self._keepdims} kept principal "
-                "components in data; provide more varied data or a smaller keepdims"
-            )
-        std = np.sqrt(eigval)
+        mean, eigvec, std = _principal_components(s.cpu().numpy(), self._keepdims)
         dtype = data.dtype
         self.register_buffer("_mean", torch.as_tensor(mean, dtype=dtype))
         self.register_buffer("_whiten_matrix", torch.as_tensor(eigvec / std, dtype=dtype))
