@@ -200,11 +200,27 @@ def _training(plt, histories, summary, path: Path) -> None:
     _save(plt, fig, path, f"{summary['experiment']}: training")
 
 
+def _upgrade(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary written by bgflow-gate 0.1.0 with today's names (``ess`` is
+    ``effective_samples``, ``kl_noise_level`` is ``phi_psi_kl_noise``)."""
+    from .systems.analysis import RELIABLE_EFFECTIVE_SAMPLES
+
+    for key, m in summary["metrics"].items():
+        if key != "md" and "ess" in m:
+            m["effective_samples"] = m.pop("ess")
+            m.setdefault("reweighting_reliable", m["effective_samples"] >= RELIABLE_EFFECTIVE_SAMPLES)
+    comparison = summary["mixed_vs_control"]
+    if "kl_noise_level" in comparison:
+        comparison["phi_psi_kl_noise"] = comparison.pop("kl_noise_level")
+    return summary
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The ``summary.json`` of a run; a ``ValueError`` naming the file when it is not one."""
+    """The ``summary.json`` of a run (one written by an earlier version with today's names); a
+    ``ValueError`` naming the file when it is not one."""
     path = Path(run_dir) / "summary.json"
     try:
-        return json.loads(path.read_text())
+        return _upgrade(json.loads(path.read_text()))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: {run_dir} is not a finished run of 'bgflow-gate train'") from None
     except (ValueError, UnicodeDecodeError):

@@ -343,3 +343,18 @@ def test_report_on_a_run_with_a_damaged_evaluation_says_how_to_evaluate_again(fi
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert f"{out / 'evaluation.npz'} is damaged" in err and f"delete {out / 'summary.json'}" in err
+
+
+def test_report_reads_a_summary_written_with_the_old_names(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "old_names"
+    shutil.copytree(finished[0], out)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in TRAINING_STAGES:
+        summary["metrics"][key]["ess"] = summary["metrics"][key].pop("effective_samples")
+        del summary["metrics"][key]["reweighting_reliable"]
+    summary["mixed_vs_control"]["kl_noise_level"] = summary["mixed_vs_control"].pop("phi_psi_kl_noise")
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(out)]) == 0
+    assert "(noise ~0.1)" in capsys.readouterr().out
