@@ -236,7 +236,7 @@ def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool, lock: Ru
     run.write_json(run.settings, {**wanted, "device": settings["device"]})
 
 
-class _RunContext:
+class RunContext:
     """The data, the system and the target shared by all stages of one run."""
 
     def __init__(self, settings: dict[str, Any], data_dir: Union[str, Path], log: Callable[[str], None], progress: bool,
@@ -294,7 +294,8 @@ class _RunContext:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             gen = bg.BoltzmannGenerator(
-                gen.prior, DistributedDataParallel(flow, device_ids=ids, process_group=self.ranks.group), gen._target
+                gen.prior, DistributedDataParallel(flow, device_ids=ids, process_group=self.ranks.group),
+                generator_target(gen),
             )
         return gen, flow
 
@@ -302,27 +303,18 @@ class _RunContext:
         self.target.close()
 
 
-def _epoch_progress(trainer: ProgressiveKLTrainer, stage: str, n_epochs: int, log: Callable[[str], None]):
-    """A ``progress_bar`` for ``train()`` that logs one line per finished epoch, with the time left."""
+def _epoch_logger(stage: str, n_epochs: int, log: Callable[[str], None]):
+    """An ``on_epoch_end`` callback that logs one line per finished epoch, with the time left."""
+    start, first = time.perf_counter(), None
 
-    def bar(iterations):
-        start, first = time.perf_counter(), len(trainer.history)
-        ipe = trainer.iters_per_epoch
+    def report(trainer: ProgressiveKLTrainer, record: dict) -> None:
+        nonlocal first
+        first = len(trainer.history) - 1 if first is None else first
+        done = len(trainer.history) - first
+        left = (time.perf_counter() - start) / done * (n_epochs - len(trainer.history))
+        log(f"[{stage}] {trainer.summary_line(record)}  (~{left:.0f} s left)")
 
-        def report():
-            done = len(trainer.history) - first
-            if done <= 0:
-                return
-            left = (time.perf_counter() - start) / done * (n_epochs - len(trainer.history))
-            log(f"[{stage}] {trainer.summary_line(trainer.history[-1])}  (~{left:.0f} s left)")
-
-        for i in iterations:
-            if i > 0 and i % ipe == 0:
-                report()
-            yield i
-        report()
-
-    return bar
+    return report
 
 
 class _StageTrainer(ProgressiveKLTrainer):
@@ -353,7 +345,7 @@ def _keep_copy(path: Path, copy: Path) -> None:
     os.replace(tmp, copy)
 
 
-def _stage_trainer(stage: str, ctx: _RunContext, run: RunDirectory, gen) -> tuple[ProgressiveKLTrainer, dict]:
+def _stage_trainer(stage: str, ctx: RunContext, run: RunDirectory, gen) -> tuple[ProgressiveKLTrainer, dict]:
     """The trainer of ``stage`` and the weights its ``train()`` call takes."""
     settings, t = ctx.settings, ctx.settings["training"]
     optim = torch.optim.Adam(gen.parameters(), lr=t["lr"] if stage == "nll" else t["mixed_lr"])
@@ -401,7 +393,7 @@ def _checkpoint_to_resume(stage: str, run: RunDirectory, log: Callable[[str], No
     return None
 
 
-def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+def _train_stage(stage: str, ctx: RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
     t = ctx.settings["training"]
     n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
     torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
@@ -415,7 +407,7 @@ def _train_stage(stage: str, ctx: _RunContext, run: RunDirectory, log: Callable[
     if remaining > 0:
         trainer.train(
             n_epochs=remaining, data=ctx.train, batchsize=t["batch_size"],
-            progress_bar=_epoch_progress(trainer, stage, n_epochs, log), **weights,
+            on_epoch_end=_epoch_logger(stage, n_epochs, log), **weights,
         )
 
     def write():
@@ -453,7 +445,7 @@ def _stage_info(stage: str, trainer: ProgressiveKLTrainer) -> dict[str, Any]:
 # -- evaluation -------------------------------------------------------------------------
 
 
-def _sample(ctx: _RunContext, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
+def _sample(ctx: RunContext, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
     """Samples of a stage's model: coordinates, energies (kJ/mol) and log weights."""
     gen, _ = ctx.generator(run.model(stage), parallel=False)
     kt = kt_in_kjmol(ctx.temperature)
@@ -473,7 +465,7 @@ def _sample(ctx: _RunContext, stage: str, run: RunDirectory, n: int, chunk: int 
     return torch.cat(xs), torch.cat(energies).numpy(), torch.cat(logw).numpy()
 
 
-def _evaluate(ctx: _RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
+def _evaluate(ctx: RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
     from .systems.alanine import phi_psi
     from .systems.analysis import md_metrics, sample_metrics
 
@@ -603,7 +595,9 @@ def train_experiment(
         if ranks.broadcast(run.finished if ranks.is_main else None):
             log(f"the run in {run.root} finished earlier; nothing to resume ('bgflow-gate report {run.root}' "
                 "re-draws its plots)")
-            return json.loads(run.summary.read_text()) if ranks.is_main else None
+            from .report import read_summary
+
+            return read_summary(run.root) if ranks.is_main else None
         return _run(run, settings, data_dir, progress, log, ranks)
     finally:
         lock.release()
@@ -614,7 +608,7 @@ def _run(run: RunDirectory, settings: dict[str, Any], data_dir, progress: bool, 
     """The stages of a prepared run directory; the summary (rank 0) or ``None``."""
     from .report import draw_plots
 
-    ctx = _RunContext(settings, data_dir, log, progress, ranks)
+    ctx = RunContext(settings, data_dir, log, progress, ranks)
     try:
         # rank 0's view of the run decides for every rank (rank 0 writes progress.json)
         done = ranks.broadcast(run.read_progress() if ranks.is_main else None)
@@ -642,7 +636,7 @@ def _run(run: RunDirectory, settings: dict[str, Any], data_dir, progress: bool, 
     return summary
 
 
-def _summary(ctx: _RunContext, run: RunDirectory, metrics: dict[str, Any]) -> dict[str, Any]:
+def _summary(ctx: RunContext, run: RunDirectory, metrics: dict[str, Any]) -> dict[str, Any]:
     """The contents of ``summary.json``."""
     settings, progress_info = ctx.settings, run.read_progress()
     return {
