@@ -93,16 +93,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="numbers of processes to time")
     parser.add_argument("--experiment", default="smoke")
-    parser.add_argument("--config", default="configs/experiments.yaml")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--config", help="experiments file (default: the one shipped with the package)")
+    parser.add_argument("--data-dir", help="data cache (default: the per-user cache, as 'bgflow-gate data')")
     parser.add_argument("--batch", type=int, default=128, help="samples per process and iteration")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
 
-    from bgflow_gate.config import load_experiments, run_settings
+    from bgflow_gate.config import DEFAULT_CONFIG, load_experiments, run_settings
     from bgflow_gate.systems.data import generate_dataset
+
+    args.config = args.config or str(DEFAULT_CONFIG)
 
     # the data once, before the processes start (they read the cache)
     generate_dataset(run_settings(load_experiments(args.config), args.experiment, device="cpu")["data"],
