@@ -17,6 +17,13 @@ train
     continues a killed run.
 report
     Re-draw the plots of a finished run and print its metrics.
+
+Exit status: 0 done; 1 a check failed (``data``, ``check-data``) or another rank stopped;
+2 bad input, with one line that names the file or setting and what to do.
+
+Environment: ``BGFLOW_GATE_DATA_DIR`` (the data cache, see
+:func:`~bgflow_gate.systems.data.default_data_dir`), ``OMP_NUM_THREADS`` (threads, unless
+``--threads`` is given).
 """
 
 from __future__ import annotations
