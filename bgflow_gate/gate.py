@@ -154,14 +154,12 @@ class ScheduledEnergyGate(bg.Energy):
 
     @classmethod
     def for_generator(cls, generator: Any, **kwargs: Any) -> "ScheduledEnergyGate":
-        """A gate around the target of a bgflow ``BoltzmannGenerator`` (the generator is not
-        changed); ``kwargs`` as for the constructor. The unit is read from an OpenMM target
-        (or one that declares it); any other target needs ``target_unit``."""
+        """A gate around a bgflow ``BoltzmannGenerator``'s target, which stays the generator's;
+        ``kwargs`` as for the constructor (an OpenMM target's unit is read from it)."""
         target = generator_target(generator)
-        if target is None:
-            raise ValueError("the generator has no target energy to gate")
-        if isinstance(target, cls):
-            raise ValueError("the generator's target is a gate already; use it as it is")
+        if target is None or isinstance(target, cls):
+            raise ValueError("the generator has no target energy to gate" if target is None else
+                             "the generator's target is a gate already; use it as it is")
         return cls(target, **kwargs)
 
     @property
@@ -234,19 +232,14 @@ class ScheduledEnergyGate(bg.Energy):
         return self._relax
 
     def relax(self, factor: float) -> None:
-        """Raise E_max by ``factor`` (> 1) from now on; repeated calls multiply.
-
-        The remedy for a gate that rejects everything: the schedule keeps its shape, every
-        E_max it gives is multiplied by the accumulated factor.
-        """
+        """Raise E_max by ``factor`` (> 1) from now on; repeated calls multiply: the remedy
+        for a gate that rejects everything (the schedule keeps its shape)."""
         factor = check_number(factor, "factor", "factor", lower=1.0, strict=True)
         self._relax *= factor
 
     def _in_kt(self, kjmol: float, what: str) -> float:
         if self.temperature is None:
-            raise ValueError(
-                f"{what} in kT needs a temperature; construct the gate with temperature=<K>"
-            )
+            raise ValueError(f"{what} in kT needs a temperature; construct the gate with temperature=<K>")
         return kjmol / kt_in_kjmol(self.temperature)
 
     @property
@@ -260,6 +253,11 @@ class ScheduledEnergyGate(bg.Energy):
         return self._in_kt(self.e_cut, "E_cut")
 
     # -- evaluation --------------------------------------------------------------------
+
+    def energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:
+        """bgflow's ``Energy.energy``; inputs that are not coordinate batches are clear errors."""
+        as_batch(xs, self.event_shapes)
+        return super().energy(*xs, **kwargs)
 
     def _energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:
         flat, batch_shape = as_batch(xs, self.event_shapes)
@@ -349,6 +347,7 @@ class ScheduledEnergyGate(bg.Energy):
             "floor": self._floor,
             "relax": self._relax,
             "schedule": self.schedule.to_dict(),
+            "above_cut": self.above_cut,
             "statistics": self._stats.state_dict(),
         }
 
@@ -357,6 +356,7 @@ class ScheduledEnergyGate(bg.Energy):
         self._epoch = float(state["epoch"])
         self._floor = state["floor"]
         self._relax = float(state.get("relax", 1.0))
+        self.above_cut = state.get("above_cut", self.above_cut)
         self._stats.load_state_dict(state["statistics"])
 
     def extra_repr(self) -> str:

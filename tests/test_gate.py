@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,11 +24,11 @@ from targets import Fixed, InversePower, Quadratic, RaisesAbove, Ratio
 NAN, INF = math.nan, math.inf
 
 
-
 def gate_of(target, **kwargs):
     """A gate around a test target whose energies are in kJ/mol."""
     kwargs.setdefault("target_unit", "kJ/mol")
     return ScheduledEnergyGate(target, **kwargs)
+
 
 def fixed_gate(e_max=1e4, e_cut=10.0, **kwargs):
     return gate_of(Fixed(), schedule=ConstantSchedule(e_max), e_cut=e_cut, **kwargs)
@@ -492,3 +493,68 @@ def test_a_target_that_raises_on_an_empty_batch_re_raises():
 
     with pytest.raises(ValueError, match="empty batch"):
         gate_of(Empty(2)).energy(torch.zeros(0, 2))
+
+
+# -- what a sample contributes to the KL term ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "above_cut, per_sample, counted",
+    [
+        # raw energies 5 (below E_cut 10), 10 + e - 1 (above E_cut: soft cut 11), 1e6 (gated)
+        ("energy", [5.0 - 1.0, 11.0, 10.0 + math.log1p(1e4 - 10.0) - 3.0], [True, True, True]),
+        ("energy+entropy", [5.0 - 1.0, 11.0 - 2.0, 10.0 + math.log1p(1e4 - 10.0) - 3.0], [True, True, True]),
+        ("none", [5.0 - 1.0, 11.0 - 2.0, 10.0 + math.log1p(1e4 - 10.0) - 3.0], [True, False, True]),
+    ],
+)
+def test_a_sample_above_e_cut_contributes_what_above_cut_says(above_cut, per_sample, counted):
+    gate = fixed_gate(e_max=1e4, e_cut=10.0, above_cut=above_cut)
+    energy = gate.energy(energies([5.0, 10.0 + math.e - 1.0, 1e6]))
+    dlogp = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    terms, kept, above = gate.kl_terms(energy, dlogp)
+    assert terms.tolist() == pytest.approx(per_sample, rel=1e-12)
+    assert kept.tolist() == counted
+    assert above.tolist() == [False, True, False] and gate.last_above_cut.tolist() == [False, True, False]
+
+
+def test_below_e_cut_every_option_gives_the_exact_kl_term_and_its_gradient():
+    for option in ("energy", "energy+entropy", "none"):
+        gate = fixed_gate(e_cut=100.0, above_cut=option)
+        u = energies([1.0, 50.0, 99.0], requires_grad=True)
+        dlogp = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        terms, kept, _ = gate.kl_terms(gate.energy(u), dlogp)
+        assert terms.tolist() == [0.5, 51.0, 97.0] and kept.all()
+        terms.sum().backward()
+        assert u.grad.flatten().tolist() == [1.0, 1.0, 1.0] and dlogp.grad.tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_above_cut_energy_leaves_the_log_det_gradient_of_far_samples_out_and_keeps_it_finite():
+    gate = fixed_gate(e_max=1e8, e_cut=10.0, above_cut="energy")
+    u = energies([5.0, 1e6], requires_grad=True)
+    dlogp = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    terms, _, _ = gate.kl_terms(gate.energy(u), dlogp)
+    terms.sum().backward()
+    assert dlogp.grad.tolist() == [-1.0, 0.0]  # the far sample does not push the flow outward
+    assert u.grad[1].item() == pytest.approx(1.0 / (1e6 - 10.0 + 1.0))  # it still pulls the energy down
+
+
+def test_all_nan_coordinates_give_a_differentiable_constant_with_zero_gradient():
+    gate = gate_of(Quadratic(dim=2), schedule=100.0, e_cut=50.0)
+    x = torch.full((3, 2), NAN, requires_grad=True)
+    out = gate.energy(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and x.grad.tolist() == [[0.0, 0.0]] * 3
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.zeros(2), ValueError, r"coordinates must have shape \[batch, 2\], got \(2,\); a single configuration"),
+        (torch.zeros(3, 5), ValueError, r"must have shape \[batch, 2\], got \(3, 5\)"),
+        (np.zeros((3, 2)), TypeError, "coordinates must be torch tensors, got ndarray"),
+        ([[0.0, 1.0]], TypeError, "coordinates must be torch tensors, got list; convert with torch.as_tensor"),
+    ],
+)
+def test_inputs_of_the_wrong_kind_or_shape_are_clear_errors(x, error, match):
+    with pytest.raises(error, match=match):
+        gate_of(Quadratic(dim=2), schedule=100.0, e_cut=50.0).energy(x)

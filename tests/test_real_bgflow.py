@@ -7,6 +7,7 @@ import torch
 
 import bgflow_gate
 from bgflow_gate import ScheduledEnergyGate
+from bgflow_gate.targets import generator_target
 
 pytestmark = [
     pytest.mark.bgflow,
@@ -30,7 +31,7 @@ def test_a_real_boltzmann_generator_accepts_the_gate_as_its_target(bgflow):
     torch.manual_seed(0)
     dim = 2
     target = bgflow.DoubleWellEnergy(dim=dim)
-    gate = ScheduledEnergyGate(target, schedule=1e3, e_cut=20.0)
+    gate = ScheduledEnergyGate(target, schedule=1e3, e_cut=20.0, target_unit="kJ/mol")
     prior = bgflow.NormalDistribution(dim)
     layers = []
     for _ in range(2):
@@ -44,7 +45,7 @@ def test_a_real_boltzmann_generator_accepts_the_gate_as_its_target(bgflow):
             bgflow.InverseFlow(bgflow.SplitFlow(1)),
         ]
     generator = bgflow.BoltzmannGenerator(prior, bgflow.SequentialFlow(layers), gate)
-    assert generator._target is gate
+    assert generator_target(generator) is gate
 
     kl = generator.kldiv(256)
     assert kl.shape == (256, 1)
@@ -95,5 +96,6 @@ def test_the_progressive_trainer_is_a_bgflow_kl_trainer_and_trains_a_real_genera
     history = trainer.train(n_epochs=3, data=data, batchsize=64, w_energy=0.1)
     assert [r["epoch"] for r in history] == [0, 1, 2] and trainer.iters_per_epoch == 8
     assert history[-1]["nll"] < history[0]["nll"]
-    assert isinstance(generator._target, ScheduledEnergyGate)
-    assert trainer.reporter.losses()[0] == ("KLL", "NLL")
+    assert isinstance(trainer.gate, ScheduledEnergyGate) and trainer.gate.target is generator_target(generator)
+    assert not isinstance(generator_target(generator), ScheduledEnergyGate)  # the generator is left as it was
+    assert tuple(trainer.reporter.losses()[0]) == ("KLL", "NLL")

@@ -124,7 +124,7 @@ class Resumable:
         self.monitor.load_state_dict(state["monitor"])
         self.reporter = type(self.reporter)(*self._labels())
         for row in zip(*state["losses"]):
-            self.reporter.report(*row)
+            self.reporter.report(*[np.asarray(v) for v in row])
         if self.gate is not None and own["gate"] is not None:
             self.gate.set_extra_state(own["gate"])
         self.ledger = EpochLedger()  # a checkpoint may be taken mid-epoch

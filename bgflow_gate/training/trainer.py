@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .. import bg
@@ -237,7 +238,7 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
         step_iteration_schedulers(schedulers, it)
         self.ledger.add(outcome)
         reports = self._reports(outcome, test_sampler, settings)
-        self.reporter.report(*reports)
+        self.reporter.report(*[np.asarray(r) for r in reports])  # bgflow's reporter takes arrays
         if n_print > 0 and it % n_print == 0 and self.ranks.is_main:
             self.reporter.print(*reports)
         self.iteration += 1
