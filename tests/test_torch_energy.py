@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgflow_gate import ScheduledEnergyGate
-from bgflow_gate.energies import TorchEnergy, UnsupportedForceError
+from bgflow_gate import ScheduledEnergyGate, TorchEnergy, UnsupportedForceError
 
 KT_300 = 8.314462618e-3 * 300.0
 CACHE = Path(os.environ.get("BGFLOW_GATE_GPU_CACHE", Path(__file__).resolve().parents[1] / "gpu_cache"))
@@ -190,6 +189,34 @@ def test_obc2_force_from_openmm_is_recognised_and_exact():
     frames = positions[None] + np.random.default_rng(4).normal(scale=0.01, size=(4, 22, 3))
     energy = TorchEnergy.from_openmm(system, temperature=300.0)
     assert _errors(_ours(energy, frames), _reference(system, frames))[0] <= 1e-9
+
+
+def _plain_descreening(r, offset_radius, scaled_radius):
+    """OpenMM's expression, term by term, for autograd."""
+    upper = r + scaled_radius
+    lower = torch.maximum(offset_radius, (r - scaled_radius).abs())
+    value = 0.5 * (1 / lower - 1 / upper + 0.25 * (r - scaled_radius**2 / r) * (1 / upper**2 - 1 / lower**2)
+                   + 0.5 * torch.log(lower / upper) / r)
+    return torch.where(upper >= offset_radius, value, torch.zeros_like(value))
+
+
+def test_radial_derivatives_equal_autograd_of_the_plain_formulas_in_every_branch():
+    from bgflow_gate.energies.radial import descreening, nonbonded_sum
+
+    gen = torch.Generator().manual_seed(0)
+    r = torch.linspace(0.02, 1.5, 400, dtype=torch.float64).repeat(3, 1).requires_grad_(True)
+    offset_radius, scaled = 0.05 + 0.2 * torch.rand(2, 400, generator=gen, dtype=torch.float64)
+    # r + sr < or, |r - sr| < or < r + sr, |r - sr| > or all occur on this grid
+    assert ((r + scaled < offset_radius).any() and ((r - scaled).abs() > offset_radius).any())
+    qq, c12, c6 = torch.randn(3, 400, generator=gen, dtype=torch.float64)
+    for ours, plain in (
+        (lambda: descreening(r, offset_radius, scaled).sum(), lambda: _plain_descreening(r, offset_radius, scaled).sum()),
+        (lambda: nonbonded_sum(r * r, qq, c12, c6).sum(), lambda: (c12 / r**12 - c6 / r**6 + qq / r).sum()),
+    ):
+        (g_ours,) = torch.autograd.grad(ours(), r)
+        (g_plain,) = torch.autograd.grad(plain(), r)
+        assert torch.allclose(ours(), plain(), rtol=1e-12)
+        assert torch.allclose(g_ours, g_plain, rtol=1e-10, atol=1e-10 * g_plain.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- unsupported forces

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .radial import descreening, nonbonded_sum
+
 __all__ = ["bond_energy", "angle_energy", "torsion_energy", "pair_energy", "obc_energy"]
 
 Vectors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -61,28 +63,13 @@ def pair_energy(v: Vectors, qq: torch.Tensor, c12: torch.Tensor, c6: torch.Tenso
     ``c12 = 4 eps sigma^12``, ``c6 = 4 eps sigma^6``, ``qq`` = Coulomb's constant times the
     charge product, per pair.
     """
-    inv_r2 = _dot(v, v).reciprocal()
-    inv_r6 = inv_r2 * inv_r2 * inv_r2
-    return (inv_r6 * inv_r6) @ c12 - inv_r6 @ c6 + inv_r2.sqrt() @ qq
-
-
-def _descreening(r: torch.Tensor, offset_radius: torch.Tensor, scaled_radius: torch.Tensor) -> torch.Tensor:
-    """OBC's pair integral: what atom j (``scaled_radius``) takes from atom i (``offset_radius``)."""
-    upper = r + scaled_radius
-    lower = torch.maximum(offset_radius, (r - scaled_radius).abs())
-    inv_u, inv_l = upper.reciprocal(), lower.reciprocal()
-    value = 0.5 * (
-        inv_l - inv_u
-        + 0.25 * (r - scaled_radius * scaled_radius / r) * (inv_u * inv_u - inv_l * inv_l)
-        + 0.5 * torch.log(lower / upper) / r
-    )
-    return torch.where(r + scaled_radius >= offset_radius, value, torch.zeros_like(value))
+    return nonbonded_sum(_dot(v, v), qq, c12, c6)
 
 
 def _born_radii(r: torch.Tensor, gb: dict[str, torch.Tensor]) -> torch.Tensor:
     """OBC effective Born radii ``[batch, n_atoms]`` from all pair distances ``r`` ``[batch, n_pairs]``."""
-    integral_i = _descreening(r, gb["offset_radius_i"], gb["scaled_radius_j"])  # what j takes from i
-    integral_j = _descreening(r, gb["offset_radius_j"], gb["scaled_radius_i"])
+    integral_i = descreening(r, gb["offset_radius_i"], gb["scaled_radius_j"])  # what j takes from i
+    integral_j = descreening(r, gb["offset_radius_j"], gb["scaled_radius_i"])
     total = gb["to_atoms"](integral_i, integral_j)
     offset_radius = gb["offset_radius"]
     psi = total * offset_radius

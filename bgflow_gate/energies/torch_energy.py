@@ -94,9 +94,10 @@ class TorchEnergy(bg.Energy):
     unit = KT
 
     def __init__(self, parameters: dict, temperature: float, two_event_dims: bool = False):
-        self._tables = _check_parameters(parameters)
-        n_atoms = self._tables["n_atoms"]
+        tables = _check_parameters(parameters)
+        n_atoms = tables["n_atoms"]
         super().__init__([n_atoms, 3] if two_event_dims else [3 * n_atoms])
+        self._tables = tables
         self.temperature = check_temperature(temperature)
         self.n_atoms = n_atoms
         self._two_event_dims = two_event_dims
