@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .gate import ABOVE_CUT, check_e_cut
 from .schedules import Schedule, schedule_from_dict
 from .units import check_temperature, parse_unit
 from .validation import check_fraction, check_number, check_open_fraction, check_whole
@@ -56,6 +57,7 @@ GATE_DEFAULTS: dict[str, Any] = {
     "target_unit": "kJ/mol",
     "temperature": None,
     "adaptive_quantile": None,
+    "above_cut": "energy",
     "schedule": {"type": "three_stage"},
 }
 
@@ -124,7 +126,7 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str = "") -> Any:
-    """YAML text as Python values, read as the experiments file is read: ``1e5`` is a float,
+    r"""YAML text as Python values, read as the experiments file is read: ``1e5`` is a float,
     and a duplicate key is a :class:`ConfigError` naming ``source`` and both lines.
 
     Examples
@@ -184,8 +186,8 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
     _apply_shorthands(experiments[name], merged, name, where)
     out: dict[str, Any] = {}
     checks = {
-        "e_cut": lambda v, key: check_number(v, key, "energy in kJ/mol"),
         "target_unit": lambda v, key: parse_unit(v, name=key),
+        "above_cut": lambda v, key: _choice(v, key, tuple(ABOVE_CUT)),
         "temperature": lambda v, key: None if v is None else check_temperature(v, name=key),
     }
     for key, check in checks.items():
@@ -206,12 +208,10 @@ def gate_settings(experiments: Mapping[str, Mapping], name: str, *, source: str 
         raise ConfigError(f"{where}{name}.gate.schedule: {err}") from None
     if out["target_unit"] == "kT" and out["temperature"] is None:
         raise ConfigError(f"{where}{name}.gate: target_unit 'kT' needs gate.temperature (K)")
-    final = out["schedule"].to_dict()[_final_key(out["schedule"].to_dict())]
-    if out["e_cut"] >= final:
-        raise ConfigError(
-            f"{where}{name}: E_cut ({out['e_cut']:g} kJ/mol) must lie below the final E_max "
-            f"({final:g} kJ/mol): the soft cut starts below the hard gate"
-        )
+    try:  # the gate's own rule, 0 < E_cut < the final E_max
+        out["e_cut"] = check_e_cut(merged["e_cut"], out["schedule"])
+    except ValueError as err:
+        raise ConfigError(f"{where}{name}.gate.e_cut: {err}") from None
     return out
 
 

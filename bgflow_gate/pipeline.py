@@ -357,7 +357,8 @@ def _stage_trainer(stage: str, ctx: RunContext, run: RunDirectory, gen) -> tuple
         warmup = t["warmup_epochs"] if stage == "nll" else 0.0
         return _StageTrainer(gen, optim, train_energy=False, lr_warmup_epochs=warmup, **common), {}
     g, gated = settings["gate"], settings["use_energy_gating"]
-    gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"]) if gated else {}
+    gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"],
+                above_cut=g["above_cut"]) if gated else {}
     trainer = _StageTrainer(
         gen, optim, gate=None if gated else False, skip_policy=t["skip_policy"],
         min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"], **gate, **common,

@@ -78,6 +78,7 @@ def test_gate_defaults():
         "target_unit": "kJ/mol",
         "temperature": None,
         "adaptive_quantile": None,
+        "above_cut": "energy",
         "schedule": {"type": "three_stage"},
     }
 
@@ -89,6 +90,7 @@ def test_experiment_without_gate_section_gets_all_defaults(tmp_path):
         "target_unit": "kJ/mol",
         "temperature": None,
         "adaptive_quantile": None,
+        "above_cut": "energy",
         "schedule": ThreeStageSchedule(),
     }
 
@@ -206,10 +208,17 @@ def test_unknown_gate_key_raises_naming_experiment_gate_and_key(tmp_path):
         gate_of(tmp_path, "e_max: 1.0e+5\n")
 
 
-@pytest.mark.parametrize("bad", ["abc", ".nan", ".inf", "null", "[1]"])
+@pytest.mark.parametrize("bad", ["abc", ".nan", ".inf", "null", "[1]", "0", "-5"])
 def test_bad_e_cut_raises_naming_the_key(tmp_path, bad):
-    with pytest.raises(ConfigError, match=r"exp\.gate\.e_cut must be a finite energy"):
+    with pytest.raises(ConfigError, match=r"exp\.gate\.e_cut: e_cut must be a positive, finite energy"):
         gate_of(tmp_path, f"e_cut: {bad}\n")
+
+
+def test_a_bad_above_cut_raises_naming_the_key_and_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.gate\.above_cut must be one of energy, energy\+entropy, none, "
+                                          r"got 'entropy'"):
+        gate_of(tmp_path, "above_cut: entropy\n")
+    assert gate_of(tmp_path, "above_cut: energy+entropy\n")["above_cut"] == "energy+entropy"
 
 
 @pytest.mark.parametrize("bad", ["eV", "kcal/mol", "1"])

@@ -63,7 +63,7 @@ def test_compare_schedules_shows_the_legacy_stall_and_writes_the_plots(tmp_path,
         ["--epochs", "6", "--iters-per-epoch", "2", "--frames", "200", "--blocks", "2", "--hidden", "32",
          "--data-dir", str(tmp_path), "--out", str(tmp_path / "cmp.png")]
     )
-    assert list(runs) == ["no gate", "legacy + step", "three-stage", "adaptive"]
+    assert list(runs) == ["no gate", "legacy + step", "three-stage, +entropy", "three-stage", "adaptive"]
     assert all(r["skip_rate"] == 1.0 for r in runs["legacy + step"])  # untrained energies >> 1e7 kJ/mol
     assert all(r["skip_rate"] == 0.0 for r in runs["three-stage"][:3])  # E_max 1e10 while they fall
     assert (tmp_path / "cmp.png").stat().st_size > 10_000
