@@ -39,7 +39,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -239,7 +239,7 @@ def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool, lock: Ru
 class RunContext:
     """The data, the system and the target shared by all stages of one run."""
 
-    def __init__(self, settings: dict[str, Any], data_dir: Union[str, Path], log: Callable[[str], None], progress: bool,
+    def __init__(self, settings: dict[str, Any], data_dir: str | Path, log: Callable[[str], None], progress: bool,
                  ranks: Ranks):
         from .systems.alanine import alanine_dipeptide
         from .systems.data import generate_dataset
@@ -275,7 +275,7 @@ class RunContext:
             + (f", {ranks.size} ranks ({ranks.backend}), batch {t['batch_size']} per rank" if ranks.distributed else "")
         )
 
-    def generator(self, weights: Optional[Path] = None, parallel: bool = True):
+    def generator(self, weights: Path | None = None, parallel: bool = True):
         """A fresh generator (same architecture and coordinate transform every time), with
         the flow's ``weights`` when given, and its bare flow. Under a process group and with
         ``parallel`` the generator's flow is wrapped in ``DistributedDataParallel``."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 from .units import kt_in_kjmol
 from .validation import check_number
@@ -126,7 +126,7 @@ class Schedule:
         return self.stages()[-1][0]
 
     def describe(
-        self, epochs: Optional[Iterable[float]] = None, temperature: Optional[float] = None
+        self, epochs: Iterable[float | None] = None, temperature: float | None = None
     ) -> str:
         """A readable table: the stage boundaries and E_max at chosen epochs.
 

@@ -135,7 +135,7 @@ class EnergyStatistics:
         energies = torch.cat([e.to(device=device, dtype=dtype) * scale for e, _, scale in pending])
         reasons = torch.cat([r.to(device) for _, r, _ in pending]).long()
         self._counts.index_add_(0, reasons, torch.ones_like(reasons))
-        finite = (energies * 0) == 0  # isfinite in two passes
+        finite = torch.isfinite(energies)
         # bin of sign(E) log10(1 + |E|), in float32: ample for 1/200-decade bins
         s = torch.log1p(energies.float().abs()).copysign_(energies.float()).nan_to_num_(0.0)
         idx = s.mul_(BINS_PER_DECADE / math.log(10)).sub_(SYMLOG_RANGE[0] * BINS_PER_DECADE)

@@ -10,7 +10,7 @@ Atom order (openmmtools / amber): 0 H1, 1 CH3, 2 H2, 3 H3, 4 C, 5 O, 6 N, 7 H, 8
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ class AlanineDipeptide:
     system: Any
     topology: Any
     positions: np.ndarray
-    _z_matrix: Optional[np.ndarray] = field(default=None, repr=False)
+    _z_matrix: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_atoms(self) -> int:

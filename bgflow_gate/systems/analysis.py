@@ -4,7 +4,7 @@ statistical inefficiency, dataset checks."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def kish_ess(log_weights: np.ndarray) -> float:
     return float(w.sum() ** 2 / np.square(w).sum()) if w.any() else 0.0
 
 
-def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: Optional[np.ndarray] = None) -> Optional[float]:
+def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: np.ndarray | None = None) -> float | None:
     """``F(phi > 0) - F(phi < 0) = -kT ln(P(phi > 0) / P(phi < 0))`` in the unit of ``kt``;
     ``None`` when either side holds no (weighted) sample."""
     w = np.ones_like(phi, dtype=float) if weights is None else np.asarray(weights, dtype=float)
