@@ -72,9 +72,15 @@ class GuardedTarget:
         raised for and the samples with finite coordinates (``None`` for "none" / "all").
 
         The target only sees finite coordinates: one value is read back to the host to
-        know whether the whole batch can go in one piece.
+        know whether the whole batch can go in one piece -- unless the target declares
+        ``accepts_nonfinite = True`` (it returns a non-finite energy and a zero gradient for
+        such rows, as :class:`~bgflow_gate.TorchEnergy` does): then the whole batch goes to it
+        and nothing is read back, so a GPU is never synchronised.
         """
         finite_rows = torch.stack([torch.isfinite(x).flatten(1).all(1) for x in xs]).all(0)
+        if getattr(self.target, "accepts_nonfinite", False):
+            raw, errors = self.evaluate(xs, kwargs)
+            return raw, errors, finite_rows
         if n == 0 or bool(finite_rows.all()):  # the one host read
             raw, errors = self.evaluate(xs, kwargs)
             return raw, errors, None

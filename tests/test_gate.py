@@ -558,3 +558,21 @@ def test_all_nan_coordinates_give_a_differentiable_constant_with_zero_gradient()
 def test_inputs_of_the_wrong_kind_or_shape_are_clear_errors(x, error, match):
     with pytest.raises(error, match=match):
         gate_of(Quadratic(dim=2), schedule=100.0, e_cut=50.0).energy(x)
+
+
+def test_a_target_that_accepts_non_finite_coordinates_gets_the_whole_batch_and_they_are_still_gated():
+    class Tolerant(Quadratic):
+        accepts_nonfinite = True
+        seen = []
+
+        def _energy(self, x):
+            self.seen.append(len(x))
+            return torch.where(torch.isfinite(x).all(-1, keepdim=True), super()._energy(x.nan_to_num()), math.inf)
+
+    gate = gate_of(Tolerant(dim=2), schedule=100.0, e_cut=50.0)
+    x = torch.tensor([[1.0, 0.0], [NAN, 0.0], [2.0, 0.0]], requires_grad=True)
+    out = gate.energy(x)
+    out.sum().backward()
+    assert Tolerant.seen == [3]  # no split, no host read
+    assert gate.last_reasons.tolist() == [GateReason.KEPT, GateReason.NONFINITE_COORDINATES, GateReason.KEPT]
+    assert torch.isfinite(out).all() and x.grad[1].tolist() == [0.0, 0.0]

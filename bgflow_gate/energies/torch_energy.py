@@ -89,9 +89,13 @@ class TorchEnergy(bg.Energy):
         Temperature in K that defines kT.
     unit : str
         ``"kT"``: the unit of the energies.
+    accepts_nonfinite : bool
+        True: non-finite coordinates give +inf and a zero gradient, so a
+        :class:`~bgflow_gate.ScheduledEnergyGate` passes whole batches without a host read.
     """
 
     unit = KT
+    accepts_nonfinite = True
 
     def __init__(self, parameters: dict, temperature: float, two_event_dims: bool = False):
         tables = _check_parameters(parameters)
