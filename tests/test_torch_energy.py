@@ -219,6 +219,20 @@ def test_radial_derivatives_equal_autograd_of_the_plain_formulas_in_every_branch
         assert torch.allclose(g_ours, g_plain, rtol=1e-10, atol=1e-10 * g_plain.abs().max().item())
 
 
+def test_gb_pair_derivatives_equal_autograd_of_the_plain_formula():
+    from bgflow_gate.energies.radial import gb_pair_sum
+
+    gen = torch.Generator().manual_seed(1)
+    r2 = (0.01 + torch.rand(4, 300, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    bb = (0.005 + 0.1 * torch.rand(4, 300, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    k = torch.randn(300, generator=gen, dtype=torch.float64)
+    ours = gb_pair_sum(r2, bb, k)
+    plain = (k / torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))).sum(-1)
+    assert torch.allclose(ours, plain, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (r2, bb)), torch.autograd.grad(plain.sum(), (r2, bb))):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- unsupported forces
 
 

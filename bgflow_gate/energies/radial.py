@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["nonbonded_sum", "descreening"]
+__all__ = ["nonbonded_sum", "descreening", "gb_pair_sum"]
 
 
 class _NonbondedSum(torch.autograd.Function):
@@ -44,15 +44,19 @@ def nonbonded_sum(r2: torch.Tensor, qq: torch.Tensor, c12: torch.Tensor, c6: tor
     return _NonbondedSum.apply(r2, qq, c12, c6)
 
 
-def _descreening_slope(r, inv_r, upper, lower, grows, q, log_ratio, sr2):
-    """d/dr of the OBC descreening integral (before the ``r + sr >= or`` selection)."""
-    inv_u, inv_l = upper.reciprocal(), lower.reciprocal()
-    dl = grows * inv_l  # dL/dr / L
+def _descreening_slope(inv_r, inv_u, inv_l, grows, q, t, difference, log_ratio):
+    """d/dr of the OBC descreening integral (before the ``r + sr >= or`` selection).
+
+    ``grows`` is dL/dr (0 or +-1), ``t = sr^2 / r``, ``difference = 1/U^2 - 1/L^2``.
+    """
+    dl = grows * inv_l  # (dL/dr) / L
+    inv_u2 = inv_u * inv_u
+    half_r = 0.5 * inv_r
     return 0.5 * (
-        inv_u * inv_u - dl * inv_l
-        + 0.25 * (1 + sr2 * inv_r * inv_r) * (inv_u * inv_u - inv_l * inv_l)
-        + 0.5 * q * (dl * inv_l * inv_l - inv_u * inv_u * inv_u)
-        + 0.5 * inv_r * (dl - inv_u - log_ratio * inv_r)
+        inv_u2 - dl * inv_l
+        + 0.25 * (1 + t * inv_r) * difference
+        + 0.5 * q * (dl * inv_l * inv_l - inv_u2 * inv_u)
+        + half_r * (dl - inv_u - log_ratio * inv_r)
     )
 
 
@@ -63,18 +67,20 @@ class _Descreening(torch.autograd.Function):
     def forward(ctx, r: torch.Tensor, offset_radius: torch.Tensor, scaled_radius: torch.Tensor) -> torch.Tensor:
         upper = r + scaled_radius
         distance = r - scaled_radius
-        lower = torch.maximum(offset_radius, distance.abs())
+        beyond = distance.abs()
+        lower = torch.maximum(offset_radius, beyond)
         inv_r, inv_u, inv_l = r.reciprocal(), upper.reciprocal(), lower.reciprocal()
-        sr2 = scaled_radius * scaled_radius
-        q = r - sr2 * inv_r
+        t = scaled_radius * scaled_radius * inv_r
+        q = r - t
+        difference = inv_u * inv_u - inv_l * inv_l
         log_ratio = torch.log(lower * inv_u)
-        value = 0.5 * (inv_l - inv_u + 0.25 * q * (inv_u * inv_u - inv_l * inv_l) + 0.5 * log_ratio * inv_r)
-        inside = upper >= offset_radius
+        value = 0.5 * (inv_l - inv_u + 0.25 * q * difference + 0.5 * log_ratio * inv_r)
+        outside = upper < offset_radius
         if ctx.needs_input_grad[0]:
-            grows = torch.where(distance.abs() > offset_radius, distance.sign(), torch.zeros_like(distance))
-            slope = _descreening_slope(r, inv_r, upper, lower, grows, q, log_ratio, sr2)
-            ctx.save_for_backward(torch.where(inside, slope, torch.zeros_like(slope)))
-        return torch.where(inside, value, torch.zeros_like(value))
+            grows = distance.sign().masked_fill_(beyond <= offset_radius, 0)
+            slope = _descreening_slope(inv_r, inv_u, inv_l, grows, q, t, difference, log_ratio)
+            ctx.save_for_backward(slope.masked_fill_(outside, 0))
+        return value.masked_fill_(outside, 0)
 
     @staticmethod
     @once_differentiable
@@ -90,3 +96,30 @@ def descreening(r: torch.Tensor, offset_radius: torch.Tensor, scaled_radius: tor
     +0.5*log(L/U)/r), 0); U=r+sr2; L=max(or1, D); D=abs(r-sr2)``; differentiable in ``r`` (once).
     """
     return _Descreening.apply(r, offset_radius, scaled_radius)
+
+
+class _GBPairSum(torch.autograd.Function):
+    """``sum_p k_p / f`` with ``f = sqrt(r2 + bb exp(-r2 / (4 bb)))`` (the GB pair term), per sample."""
+
+    @staticmethod
+    def forward(ctx, r2: torch.Tensor, bb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ratio = r2 / bb
+        decay = torch.exp(-0.25 * ratio)
+        inv_f = (r2 + bb * decay).rsqrt()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # d(1/f)/d(f^2) = -f^-3 / 2; d(f^2)/d(r2) = 1 - decay/4; d(f^2)/d(bb) = decay (1 + ratio/4)
+            scale = (inv_f * inv_f * inv_f) * (-0.5 * k)
+            ctx.save_for_backward(scale * (1 - 0.25 * decay), scale * decay * (1 + 0.25 * ratio))
+        return inv_f @ k
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        by_r2, by_bb = ctx.saved_tensors
+        return grad[:, None] * by_r2, grad[:, None] * by_bb, None
+
+
+def gb_pair_sum(r2: torch.Tensor, bb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The GB pair energy ``sum_p k_p / sqrt(r2 + bb exp(-r2 / (4 bb)))``, ``[batch]``, from
+    squared distances and Born-radius products ``bb = B_i B_j`` ``[batch, n]`` (differentiable in both, once)."""
+    return _GBPairSum.apply(r2, bb, k)

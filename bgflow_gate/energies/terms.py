@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .radial import descreening, nonbonded_sum
+from .radial import descreening, gb_pair_sum, nonbonded_sum
 
 __all__ = ["bond_energy", "angle_energy", "torsion_energy", "pair_energy", "obc_energy"]
 
@@ -99,7 +99,5 @@ def obc_energy(v: Vectors, gb: dict) -> torch.Tensor:
     ratio3 = (radius * inv_born) ** 3
     surface = (ratio3 * ratio3) @ (gb["surface"] * (radius + 0.14) ** 2)
     born_i, born_j = gb["to_pairs"](born)
-    bb = born_i * born_j
-    f = torch.sqrt(r2 + bb * torch.exp(-0.25 * r2 / bb))
-    pair = f.reciprocal() @ (gb["prefactor"] * gb["charge_ij"])
+    pair = gb_pair_sum(r2, born_i * born_j, gb["prefactor"] * gb["charge_ij"])
     return self_energy + surface + pair
