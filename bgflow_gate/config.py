@@ -2,7 +2,8 @@
 
 An experiments file maps experiment names to settings. An experiment has the sections
 ``data`` (replica exchange), ``gate`` (the energy gate), ``model`` (the generator),
-``training`` (the NLL and mixed stages), ``energy`` (the OpenMM target) and ``evaluation``,
+``training`` (the route and its stages), ``energy`` (the target: OpenMM or its batched
+PyTorch equivalent) and ``evaluation``,
 plus the top-level keys ``device``, ``use_energy_gating``, ``E_cut`` and ``E_max`` (the
 latter two are shorthands for ``gate.e_cut`` and the schedule's final E_max). Every error
 names the file, the experiment and the key, and an unknown key the closest valid one.
@@ -41,6 +42,9 @@ __all__ = [
     "TRAINING_DEFAULTS",
     "ENERGY_DEFAULTS",
     "EVALUATION_DEFAULTS",
+    "MODEL_KINDS",
+    "ROUTES",
+    "ENERGY_BACKENDS",
 ]
 
 #: The experiments file the command line reads unless told otherwise: shipped with the
@@ -287,8 +291,25 @@ TOP_LEVEL_KEYS = (
     "data", "gate", "model", "training", "energy", "evaluation",
 )
 
-#: ``model``: the spline generator (see :class:`bgflow_gate.systems.generators.ICSplineFlow`).
+#: ``model.kind``: ``spline`` (the spline generator whose bonds, angles and rigid block are
+#: standardised on the MD training frames, :func:`~bgflow_gate.systems.generators.spline_generator`)
+#: or ``physical`` (built without MD data around the energy minimum,
+#: :func:`~bgflow_gate.systems.physical.physical_generator`).
+MODEL_KINDS = ("spline", "physical")
+
+#: ``training.route``: ``nll_then_mixed`` (stages nll, control, mixed) or ``kl_only`` (one
+#: stage, kl: gated reverse KL, no MD frame in training).
+ROUTES = ("nll_then_mixed", "kl_only")
+
+#: ``energy.backend``: ``auto`` (TorchEnergy where it supports the system, else OpenMM),
+#: ``torch`` (TorchEnergy, an error where it does not support the system) or ``openmm``.
+ENERGY_BACKENDS = ("auto", "torch", "openmm")
+
+#: ``model``: the generator (see :class:`bgflow_gate.systems.generators.ICSplineFlow`);
+#: ``rotors`` (``all`` | ``backbone``) applies to the physical generator only.
 MODEL_DEFAULTS: dict[str, Any] = {
+    "kind": "spline",
+    "rotors": "all",
     "n_torsion_layers": 4,
     "n_rest_layers": 4,
     "hidden": 128,
@@ -300,6 +321,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
 #: continuing from the NLL model with the same seed and length. ``warmup_epochs`` is the
 #: learning-rate warm-up of the NLL stage (the gate's warm-up is ``gate.schedule``).
 TRAINING_DEFAULTS: dict[str, Any] = {
+    "route": "nll_then_mixed",
     "batch_size": 256,
     "lr": 1e-3,
     "warmup_epochs": 2,
@@ -307,6 +329,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "nll_epochs": 50,
     "mixed_epochs": 20,
     "mixed_lr": 1e-4,
+    "kl_epochs": 400,
+    "kl_lr_floor": None,
     "w_likelihood": 0.9,
     "w_energy": 0.1,
     "skip_policy": "drop",
@@ -318,8 +342,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
-#: ``energy``: the OpenMM target of the mixed stage and the evaluation.
-ENERGY_DEFAULTS: dict[str, Any] = {"platform": "auto", "n_workers": 1}
+#: ``energy``: the target of the gated stages and the evaluation: its ``backend`` (see
+#: :data:`ENERGY_BACKENDS`), and the OpenMM ``platform`` and ``n_workers`` (backend openmm).
+ENERGY_DEFAULTS: dict[str, Any] = {"backend": "auto", "platform": "auto", "n_workers": 1}
 
 #: ``evaluation``: generator samples drawn from each model and the phi/psi histogram.
 EVALUATION_DEFAULTS: dict[str, Any] = {"n_samples": 10000, "bins": 60}
@@ -341,7 +366,7 @@ def _positive(value: Any, key: str, what: str) -> float:
 
 
 #: Settings that may be null (meaning: one pass over the data per epoch; no clipping).
-_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces")
+_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces", "kl_lr_floor")
 
 
 def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, where: str) -> dict[str, Any]:
@@ -358,6 +383,8 @@ def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, 
 
 def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     checks = {
+        "kind": lambda v, k: _choice(v, k, MODEL_KINDS),
+        "rotors": lambda v, k: _choice(v, k, ("all", "backbone")),
         "n_torsion_layers": lambda v, k: check_whole(v, k, 1),
         "n_rest_layers": lambda v, k: check_whole(v, k, 1),
         "hidden": lambda v, k: check_whole(v, k, 1),
@@ -376,6 +403,7 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
         return float(v)
 
     checks = {
+        "route": lambda v, k: _choice(v, k, ROUTES),
         "batch_size": lambda v, k: check_whole(v, k, 1),
         "lr": lambda v, k: _positive(v, k, "learning rate"),
         "mixed_lr": lambda v, k: _positive(v, k, "learning rate"),
@@ -383,6 +411,8 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
         "iters_per_epoch": lambda v, k: check_whole(v, k, 1),
         "nll_epochs": lambda v, k: check_whole(v, k, 1),
         "mixed_epochs": lambda v, k: check_whole(v, k, 1),
+        "kl_epochs": lambda v, k: check_whole(v, k, 1),
+        "kl_lr_floor": lambda v, k: _floor(v, k),
         "w_likelihood": check_fraction,
         "w_energy": check_fraction,
         "skip_policy": lambda v, k: _choice(v, k, tuple(SKIP_POLICIES)),
@@ -401,10 +431,32 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
 
 def _energy(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     checks = {
+        "backend": lambda v, k: _choice(v, k, ENERGY_BACKENDS),
         "platform": lambda v, k: _choice(v, k, ("auto", "Reference", "CPU", "CUDA", "OpenCL")),
         "n_workers": lambda v, k: check_whole(v, k, 1),
     }
     return _checked(section, ENERGY_DEFAULTS, checks, prefix, where)
+
+
+def _floor(value: Any, key: str) -> float:
+    """A fraction in (0, 1]: the final learning rate as a fraction of the first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key} must be null (a constant learning rate) or lie in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_route(sections: Mapping[str, dict], name: str, where: str) -> None:
+    """The route's demands on the other sections: ``kl_only`` trains without MD data, so it
+    needs the physical generator and an explicit ``iters_per_epoch`` (no data define an epoch)."""
+    t, m = sections["training"], sections["model"]
+    if t["route"] != "kl_only":
+        return
+    if m["kind"] != "physical":
+        raise ConfigError(f"{where}{name}.model.kind must be 'physical' with training.route 'kl_only' (the spline "
+                          f"generator is standardised on MD data), got {m['kind']!r}")
+    if t["iters_per_epoch"] is None:
+        raise ConfigError(f"{where}{name}.training.iters_per_epoch must be a number with training.route 'kl_only' "
+                          "(no training data define an epoch)")
 
 
 def _evaluation(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
@@ -460,6 +512,7 @@ def run_settings(
                     "energy": ENERGY_DEFAULTS, "evaluation": EVALUATION_DEFAULTS}[key]
         section = _section(experiments, name, key, defaults, where)
         sections[key] = build(section, f"{name}.{key}", where)
+    _check_route(sections, name, where)
     return {
         "name": name,
         "device": resolve_device(requested, name=name, where=where, cuda_available=cuda_available),

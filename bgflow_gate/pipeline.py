@@ -4,15 +4,26 @@ Stages, each recorded in the run directory so that a killed run continues where 
 
 1. ``data``: replica exchange (cached, see :mod:`bgflow_gate.systems.data`), split into a
    training part and a test part (the end of the trajectory).
-2. ``nll``: the spline generator (:func:`~bgflow_gate.systems.generators.spline_generator`)
-   trained by likelihood, with the learning-rate warm-up.
-3. ``control`` and ``mixed``: two continuations of the NLL model of equal length, from the
-   same weights and seed: NLL only (the fair control) and mixed NLL + KL with
-   :class:`~bgflow_gate.ProgressiveKLTrainer` and the energy gate.
-4. ``evaluation``: samples of the three models against the MD test data (fraction below
+2. The training stages of the experiment's ``training.route`` (:data:`ROUTE_STAGES`):
+
+   * ``nll_then_mixed``: ``nll``, the generator trained by likelihood with the
+     learning-rate warm-up; then ``control`` and ``mixed``, two continuations of the NLL
+     model of equal length from the same weights and seed: NLL only (the fair control) and
+     mixed NLL + KL with :class:`~bgflow_gate.ProgressiveKLTrainer` and the energy gate.
+   * ``kl_only``: ``kl``, the physically initialised generator
+     (:func:`~bgflow_gate.systems.physical.physical_generator`) trained by gated reverse KL
+     alone; no MD frame enters training, the MD test frames only evaluate.
+
+3. ``evaluation``: samples of every model against the MD test data (fraction below
    E_cut, phi/psi KL, Kish ESS, basin populations, free-energy difference between the
    phi < 0 and phi > 0 basins).
-5. ``report``: ``summary.json`` and the plots (:mod:`bgflow_gate.report`).
+4. ``report``: ``summary.json`` and the plots (:mod:`bgflow_gate.report`).
+
+The target of the gated stages and of the evaluation is the experiment's
+``energy.backend`` (:func:`make_target`): a :class:`~bgflow_gate.TorchEnergy` on the run's
+device, or OpenMM; the data always come from OpenMM. Where ``openmm`` does not import, a run
+reads the system snapshot and the dataset from the data cache
+(:mod:`bgflow_gate.systems.snapshot`) and uses the TorchEnergy.
 
 Run directory
 -------------
@@ -49,11 +60,15 @@ from .distributed import Ranks
 from .targets import generator_target
 from .units import kt_in_kjmol
 
-__all__ = ["TRAINING_STAGES", "RunError", "RunDirectory", "RunLock", "train_experiment", "settings_to_json",
-           "SUMMARY_GLOSSARY"]
+__all__ = ["TRAINING_STAGES", "ROUTE_STAGES", "GATED_STAGES", "RunError", "RunDirectory", "RunLock",
+           "train_experiment", "settings_to_json", "make_target", "SUMMARY_GLOSSARY"]
 
-#: The training stages in the order they run.
-TRAINING_STAGES = ("nll", "control", "mixed")
+#: The training stages of each ``training.route``, in the order they run.
+ROUTE_STAGES = {"nll_then_mixed": ("nll", "control", "mixed"), "kl_only": ("kl",)}
+#: The training stages of the default route.
+TRAINING_STAGES = ROUTE_STAGES["nll_then_mixed"]
+#: The stages that train through the energy gate.
+GATED_STAGES = ("mixed", "kl")
 
 
 class RunError(ValueError):
@@ -236,56 +251,153 @@ def _prepare(run: RunDirectory, settings: dict[str, Any], resume: bool, lock: Ru
     run.write_json(run.settings, {**wanted, "device": settings["device"]})
 
 
+def _openmm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openmm") is not None
+
+
+def make_target(system, temperature: float, energy: dict[str, Any]) -> tuple[Any, str]:
+    """The target energy of the gated stages and the evaluation, and a one-line note of which
+    backend was chosen and why.
+
+    Parameters
+    ----------
+    system : AlanineDipeptide
+    temperature : float
+        K; the target's energies are in kT at it.
+    energy : dict
+        The ``energy`` settings: ``backend`` ``auto`` (a :class:`~bgflow_gate.TorchEnergy`
+        where it supports every force of the system, else OpenMM), ``torch`` or ``openmm``
+        (``platform``, ``n_workers``).
+
+    Raises
+    ------
+    RunError
+        ``backend: torch`` for a system with a force TorchEnergy does not support.
+    """
+    from .energies import TorchEnergy, UnsupportedForceError
+
+    backend, why = energy["backend"], "energy.backend openmm"
+    if backend != "openmm":
+        try:
+            target = TorchEnergy.from_openmm(system.system, temperature=temperature)
+        except UnsupportedForceError as err:
+            if backend == "torch":
+                raise RunError(f"energy.backend torch: {err}; use energy.backend openmm") from None
+            why = f"energy.backend auto, and TorchEnergy does not support this system ({err})"
+        else:
+            reason = "energy.backend torch" if backend == "torch" else \
+                "energy.backend auto, and TorchEnergy supports every force of this system"
+            return target, f"energy: torch (TorchEnergy on the run's device; {reason})"
+    target = system.energy(temperature, platform_name=energy["platform"], n_workers=energy["n_workers"])
+    return target, f"energy: openmm (platform {energy['platform']}, {energy['n_workers']} worker(s); {why})"
+
+
+def _offline_system(settings: dict[str, Any], data_dir: Path):
+    """Without OpenMM: the snapshot, the cached dataset and the TorchEnergy from ``data_dir``."""
+    from .systems.snapshot import SystemSnapshot, load_offline_dataset, snapshot_path
+
+    data, backend = settings["data"], settings["energy"]["backend"]
+    if backend == "openmm":
+        raise RunError("energy.backend openmm needs OpenMM, which does not import here; use energy.backend torch")
+    if settings["model"]["kind"] == "physical":
+        raise RunError("model.kind physical needs OpenMM (its energy minimum and topology), which does not import here")
+    path = snapshot_path(data_dir, data.solvent)
+    redo = f"write it where OpenMM is installed with 'bgflow-gate data --experiment {settings['name']}'"
+    try:
+        snapshot = SystemSnapshot.load(path)
+        target = snapshot.torch_energy(data.t_min)
+        dataset = load_offline_dataset(data, data_dir, target)
+    except FileNotFoundError as err:
+        raise RunError(f"OpenMM does not import here and the data cache lacks a file ({err}); {redo}") from None
+    note = f"energy: torch (OpenMM does not import here: TorchEnergy from the snapshot {path})"
+    return snapshot, dataset, target, note
+
+
 class RunContext:
     """The data, the system and the target shared by all stages of one run."""
 
-    def __init__(self, settings: dict[str, Any], data_dir: str | Path, log: Callable[[str], None], progress: bool,
-                 ranks: Ranks):
-        from .systems.alanine import alanine_dipeptide
-        from .systems.data import generate_dataset
-
-        self.settings = settings
-        self.ranks = ranks
+    def __init__(self, settings: dict[str, Any], data_dir: str | Path | None, log: Callable[[str], None],
+                 progress: bool, ranks: Ranks):
+        self.settings, self.ranks, self.log = settings, ranks, log
         device = torch.device(settings["device"])
         if device.type == "cuda" and ranks.distributed:  # each rank on its own GPU (LOCAL_RANK)
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.dtype = getattr(torch, settings["model"]["dtype"])
-        start = time.perf_counter()
-        self.dataset = ranks.on_main(lambda: generate_dataset(settings["data"], data_dir, progress=progress))
-        if self.dataset is None:  # the other ranks read rank 0's cache
-            self.dataset = generate_dataset(settings["data"], data_dir, progress=False)
-        self.data_seconds = time.perf_counter() - start
-        train, test = self.dataset.split(settings["training"]["test_fraction"])
-        self.train = torch.as_tensor(train, dtype=self.dtype, device=self.device)
-        self.test = torch.as_tensor(test, dtype=self.dtype, device=self.device)
-        self.system = alanine_dipeptide(settings["data"].solvent)
         self.temperature = settings["data"].t_min
-        energy = settings["energy"]
-        self.target = self.system.energy(
-            self.temperature, platform_name=energy["platform"], n_workers=energy["n_workers"]
-        )
-        t = settings["training"]
+        self.route = settings["training"]["route"]
+        self.stages = ROUTE_STAGES[self.route]
+        start = time.perf_counter()
+        if _openmm_available():
+            self._load_with_openmm(data_dir, progress)
+        else:
+            from .systems.data import default_data_dir
+
+            directory = Path(data_dir) if data_dir is not None else default_data_dir()
+            self.system, self.dataset, self.target, self.energy_note = _offline_system(settings, directory)
+        self.data_seconds = time.perf_counter() - start
+        self._split()
+        self._minimum = None
+        log(self.energy_note)
+
+    def _load_with_openmm(self, data_dir, progress: bool) -> None:
+        from .systems.alanine import alanine_dipeptide
+        from .systems.data import generate_dataset
+
+        data = self.settings["data"]
+        self.dataset = self.ranks.on_main(lambda: generate_dataset(data, data_dir, progress=progress))
+        if self.dataset is None:  # the other ranks read rank 0's cache
+            self.dataset = generate_dataset(data, data_dir, progress=False)
+        self.system = alanine_dipeptide(data.solvent)
+        self.target, self.energy_note = make_target(self.system, self.temperature, self.settings["energy"])
+
+    def _split(self) -> None:
+        """Training and test frames; the ``kl_only`` route trains on none (``train`` is ``None``)."""
+        t, ranks = self.settings["training"], self.ranks
+        train, test = self.dataset.split(t["test_fraction"])
+        self.train = None if self.route == "kl_only" else torch.as_tensor(train, dtype=self.dtype, device=self.device)
+        self.test = torch.as_tensor(test, dtype=self.dtype, device=self.device)
         # default: one pass over the training data by all ranks together
         self.iters_per_epoch = t["iters_per_epoch"] or max(1, len(self.train) // (t["batch_size"] * ranks.size))
-        log(
+        used = "none used for training (kl_only)" if self.train is None else f"{len(self.train)} training"
+        self.log(
             f"data: {self.dataset.path} ({'cache' if self.dataset.from_cache else 'generated'}), "
-            f"{len(self.train)} training / {len(self.test)} test frames; "
+            f"{used} / {len(self.test)} test frames; "
             f"{self.iters_per_epoch} iterations per epoch, device {self.device}"
             + (f", {ranks.size} ranks ({ranks.backend}), batch {t['batch_size']} per rank" if ranks.distributed else "")
         )
+
+    @property
+    def train_frames(self) -> int:
+        """Frames the training stages see (0 on the ``kl_only`` route)."""
+        return 0 if self.train is None else len(self.train)
+
+    def _build_generator(self):
+        """A fresh generator of the experiment's ``model.kind`` on the run's device."""
+        m = self.settings["model"]
+        sizes = dict(n_torsion_layers=m["n_torsion_layers"], n_rest_layers=m["n_rest_layers"], hidden=m["hidden"],
+                     n_bins=m["n_bins"])
+        if m["kind"] == "physical":
+            from .systems.physical import ALL_ROTORS, BACKBONE_ROTORS, minimized_positions, physical_generator
+
+            if self._minimum is None:  # the same structure for every generator of the run
+                self._minimum = minimized_positions(self.system)
+            rotors = ALL_ROTORS if m["rotors"] == "all" else BACKBONE_ROTORS
+            gen = physical_generator(self.system, self.target, rotors=rotors, positions=self._minimum,
+                                     dtype=self.dtype, **sizes)
+        else:
+            from .systems.generators import spline_generator
+
+            gen = spline_generator(self.system, self.train.cpu(), self.target, **sizes)
+        return gen.to(self.device)
 
     def generator(self, weights: Path | None = None, parallel: bool = True):
         """A fresh generator (same architecture and coordinate transform every time), with
         the flow's ``weights`` when given, and its bare flow. Under a process group and with
         ``parallel`` the generator's flow is wrapped in ``DistributedDataParallel``."""
-        from .systems.generators import spline_generator
-
-        m = self.settings["model"]
-        gen = spline_generator(
-            self.system, self.train.cpu(), self.target, n_torsion_layers=m["n_torsion_layers"],
-            n_rest_layers=m["n_rest_layers"], hidden=m["hidden"], n_bins=m["n_bins"],
-        ).to(self.device)
+        gen = self._build_generator()
         flow = gen.flow
         if weights is not None:
             flow.load_state_dict(torch.load(weights, map_location=self.device))
@@ -300,7 +412,9 @@ class RunContext:
         return gen, flow
 
     def close(self) -> None:
-        self.target.close()
+        close = getattr(self.target, "close", None)  # OpenMM's workers; a TorchEnergy holds none
+        if close is not None:
+            close()
 
 
 def _epoch_logger(stage: str, n_epochs: int, log: Callable[[str], None]):
@@ -345,25 +459,63 @@ def _keep_copy(path: Path, copy: Path) -> None:
     os.replace(tmp, copy)
 
 
+class CosineLR:
+    """Cosine decay of every group's learning rate from ``lr`` to ``lr * floor`` over
+    ``total`` iterations, stepped once per iteration (after the optimiser step).
+
+    It derives the rate from the iteration count alone, so a stage resumed at iteration
+    ``start`` continues on exactly the rates of an uninterrupted one.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, floor: float, total: int, start: int = 0):
+        self.optimizer, self.lr, self.floor, self.total, self.iteration = optimizer, lr, floor, max(total, 1), start
+        self._apply()
+
+    def rate(self, iteration: int) -> float:
+        """The learning rate of ``iteration``."""
+        progress = min(iteration, self.total) / self.total
+        return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.rate(self.iteration)
+
+    def step(self) -> None:
+        self.iteration += 1
+        self._apply()
+
+
+def _stage_lr(stage: str, t: dict[str, Any]) -> float:
+    return t["mixed_lr"] if stage in ("control", "mixed") else t["lr"]
+
+
+def _gate_arguments(ctx: RunContext) -> dict[str, Any]:
+    """The gate's keyword arguments of a gated stage (``gate=False`` without gating)."""
+    g = ctx.settings["gate"]
+    if not ctx.settings["use_energy_gating"]:
+        return {"gate": False}
+    return dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"],
+                above_cut=g["above_cut"])
+
+
 def _stage_trainer(stage: str, ctx: RunContext, run: RunDirectory, gen) -> tuple[ProgressiveKLTrainer, dict]:
     """The trainer of ``stage`` and the weights its ``train()`` call takes."""
-    settings, t = ctx.settings, ctx.settings["training"]
-    optim = torch.optim.Adam(gen.parameters(), lr=t["lr"] if stage == "nll" else t["mixed_lr"])
+    t = ctx.settings["training"]
+    optim = torch.optim.Adam(gen.parameters(), lr=_stage_lr(stage, t))
     common = dict(
         iters_per_epoch=ctx.iters_per_epoch, checkpoint_every=1, checkpoint_path=run.checkpoint(stage),
         max_grad_norm=t["max_grad_norm"], keep_previous=ctx.ranks.is_main,
+        lr_warmup_epochs=t["warmup_epochs"] if stage in ("nll", "kl") else 0.0,
     )
     if stage in ("nll", "control"):
-        warmup = t["warmup_epochs"] if stage == "nll" else 0.0
-        return _StageTrainer(gen, optim, train_energy=False, lr_warmup_epochs=warmup, **common), {}
-    g, gated = settings["gate"], settings["use_energy_gating"]
-    gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"],
-                above_cut=g["above_cut"]) if gated else {}
-    trainer = _StageTrainer(
-        gen, optim, gate=None if gated else False, skip_policy=t["skip_policy"],
-        min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"], **gate, **common,
-    )
-    return trainer, dict(w_likelihood=t["w_likelihood"], w_energy=t["w_energy"], clip_forces=t["clip_forces"])
+        return _StageTrainer(gen, optim, train_energy=False, **common), {}
+    policy = dict(skip_policy=t["skip_policy"], min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"])
+    weights = dict(clip_forces=t["clip_forces"])
+    if stage == "kl":  # reverse KL alone: no data, no likelihood term
+        trainer = _StageTrainer(gen, optim, train_likelihood=False, **_gate_arguments(ctx), **policy, **common)
+        return trainer, dict(w_likelihood=0.0, w_energy=1.0, **weights)
+    trainer = _StageTrainer(gen, optim, **_gate_arguments(ctx), **policy, **common)
+    return trainer, dict(w_likelihood=t["w_likelihood"], w_energy=t["w_energy"], **weights)
 
 
 def _loadable(path: Path) -> str | None:
@@ -394,11 +546,24 @@ def _checkpoint_to_resume(stage: str, run: RunDirectory, log: Callable[[str], No
     return None
 
 
+def _stage_epochs(stage: str, t: dict[str, Any]) -> int:
+    return {"nll": t["nll_epochs"], "kl": t["kl_epochs"]}.get(stage, t["mixed_epochs"])
+
+
+def _lr_schedulers(stage: str, trainer: ProgressiveKLTrainer, t: dict[str, Any], n_epochs: int) -> list:
+    """The per-iteration schedulers of a stage: the kl stage's cosine decay (``kl_lr_floor``)."""
+    if stage != "kl" or t["kl_lr_floor"] is None:
+        return []
+    total = n_epochs * trainer.iters_per_epoch
+    return [(1, CosineLR(trainer.optim, t["lr"], t["kl_lr_floor"], total, start=trainer.iteration))]
+
+
 def _train_stage(stage: str, ctx: RunContext, run: RunDirectory, log: Callable[[str], None]) -> dict[str, Any]:
     t = ctx.settings["training"]
-    n_epochs = t["nll_epochs"] if stage == "nll" else t["mixed_epochs"]
-    torch.manual_seed(t["seed"] if stage == "nll" else t["seed"] + 1)
-    gen, flow = ctx.generator(None if stage == "nll" else run.model("nll"))
+    n_epochs = _stage_epochs(stage, t)
+    first = stage in ("nll", "kl")  # a route's first stage starts from the untrained generator
+    torch.manual_seed(t["seed"] if first else t["seed"] + 1)
+    gen, flow = ctx.generator(None if first else run.model("nll"))
     trainer, weights = _stage_trainer(stage, ctx, run, gen)
     path = ctx.ranks.broadcast(_checkpoint_to_resume(stage, run, log) if ctx.ranks.is_main else None)
     if path is not None:
@@ -408,6 +573,7 @@ def _train_stage(stage: str, ctx: RunContext, run: RunDirectory, log: Callable[[
     if remaining > 0:
         trainer.train(
             n_epochs=remaining, data=ctx.train, batchsize=t["batch_size"],
+            schedulers=_lr_schedulers(stage, trainer, t, n_epochs),
             on_epoch_end=_epoch_logger(stage, n_epochs, log), **weights,
         )
 
@@ -429,7 +595,7 @@ def _stage_info(stage: str, trainer: ProgressiveKLTrainer) -> dict[str, Any]:
         "seconds": float(sum(r["seconds"] for r in history)),
         "final_nll": _finite_or_none(history[-1]["nll"]),
     }
-    if stage == "mixed":
+    if stage in GATED_STAGES:
         highest = [r["energy_max"] for r in history if r["energy_max"] is not None and math.isfinite(r["energy_max"])]
         info.update(
             batches_skipped=int(sum(r["batches_skipped"] for r in history)),
@@ -447,7 +613,8 @@ def _stage_info(stage: str, trainer: ProgressiveKLTrainer) -> dict[str, Any]:
 
 
 def _sample(ctx: RunContext, stage: str, run: RunDirectory, n: int, chunk: int = 2048):
-    """Samples of a stage's model: coordinates, energies (kJ/mol) and log weights."""
+    """Samples of a stage's model: coordinates, energies (kJ/mol; the run's target on the
+    coordinates in float64) and log weights."""
     gen, _ = ctx.generator(run.model(stage), parallel=False)
     kt = kt_in_kjmol(ctx.temperature)
     xs, energies, logw = [], [], []
@@ -458,7 +625,7 @@ def _sample(ctx: RunContext, stage: str, run: RunDirectory, n: int, chunk: int =
             z = gen.prior.sample(m)
             *x, dlogp = gen.flow(z)
             x = x[0]
-            u = ctx.target.energy(x).view(-1).double()
+            u = ctx.target.energy(x.double()).view(-1).double()
             lw = -u + gen.prior.energy(z).view(-1).double() + dlogp.view(-1).double()
             xs.append(x.double().cpu())
             energies.append((u * kt).cpu())
@@ -478,7 +645,7 @@ def _evaluate(ctx: RunContext, run: RunDirectory, log: Callable[[str], None]) ->
     test_energies = ctx.dataset.energies[-len(test):]
     arrays.update(md_phi=phi, md_psi=psi, md_energy=test_energies)
     metrics = {"md": md_metrics(phi, psi, kt)}
-    for stage in TRAINING_STAGES:
+    for stage in ctx.stages:
         x, energy, logw = _sample(ctx, stage, run, ev["n_samples"])
         metrics[stage] = sample_metrics(x, energy, logw, test, kt=kt, e_cut=e_cut, bins=ev["bins"])
         sphi, spsi = (a.numpy() for a in phi_psi(x))
@@ -515,10 +682,13 @@ SUMMARY_GLOSSARY = {
 }
 
 
-def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
+def _comparison(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """The mixed model against the NLL-only control: it helps when it has more samples below
     E_cut and a larger ESS, with a phi/psi KL no worse than the control's beyond the noise of
-    resampling (:data:`PHI_PSI_KL_NOISE`). The fraction's gain comes with its standard error."""
+    resampling (:data:`PHI_PSI_KL_NOISE`). The fraction's gain comes with its standard error.
+    ``None`` on a route without a control (``kl_only``)."""
+    if "mixed" not in metrics or "control" not in metrics:
+        return None
     mixed, control = metrics["mixed"], metrics["control"]
     kl_noise = PHI_PSI_KL_NOISE
     # standard error of the difference of two fractions from independent samples
@@ -537,8 +707,9 @@ def _comparison(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _targets(metrics: dict[str, Any]) -> dict[str, Any]:
-    m = metrics["mixed"]
+def _targets(metrics: dict[str, Any], final_stage: str) -> dict[str, Any]:
+    """The targets, checked on the route's final model."""
+    m = metrics[final_stage]
     basins = m["basins"]
     return {
         "below_e_cut_at_least_95_percent": bool(m["below_e_cut"] >= 0.95),
@@ -551,14 +722,8 @@ def _targets(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_experiment(
-    settings: dict[str, Any],
-    out_dir: str | Path,
-    *,
-    data_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    ranks: Ranks | None = None,
+    settings: dict[str, Any], out_dir: str | Path, *, data_dir: str | Path | None = None, resume: bool = False,
+    progress: bool = True, log: Callable[[str], None] = print, ranks: Ranks | None = None,
 ) -> dict[str, Any] | None:
     """Run (or, with ``resume``, continue) an experiment; returns the summary.
 
@@ -573,14 +738,13 @@ def train_experiment(
     out_dir : str or Path
         The run directory (created; must hold no run unless ``resume``).
     data_dir : str or Path, optional
-        The data cache (default: the per-user cache, see
-        :func:`~bgflow_gate.systems.data.default_data_dir`).
+        The data cache (default: :func:`~bgflow_gate.systems.data.default_data_dir`).
     resume : bool
         Continue the run in ``out_dir`` from its last checkpoint.
     progress : bool
         Show the replica exchange's progress line.
     log : callable
-        Receives one line per epoch and per stage.
+        Receives one line per epoch and per stage (and which energy backend, and why).
     ranks : Ranks, optional
         The process group (default: the initialised default group, else one process).
 
@@ -617,7 +781,7 @@ def _run(run: RunDirectory, settings: dict[str, Any], data_dir, progress: bool, 
             ranks.on_main(lambda: run.mark_done(
                 "data", seconds=ctx.data_seconds, cached=ctx.dataset.from_cache, path=str(ctx.dataset.path)
             ))
-        for stage in TRAINING_STAGES:
+        for stage in ctx.stages:
             if stage in done:
                 log(f"[{stage}] finished earlier, skipped")
                 continue
@@ -646,18 +810,20 @@ def _summary(ctx: RunContext, run: RunDirectory, metrics: dict[str, Any]) -> dic
         "host": bg.HOST,
         "torch": torch.__version__,
         "device": settings["device"],
+        "route": ctx.route,
+        "energy": {"target": ctx.energy_note, "evaluation": "the same target, on float64 coordinates"},
         "threads": torch.get_num_threads(),
         "use_energy_gating": settings["use_energy_gating"],
         "e_cut_kjmol": settings["gate"]["e_cut"],
         "temperature_k": ctx.temperature,
         "data": {
-            "path": str(ctx.dataset.path), "train_frames": len(ctx.train), "test_frames": len(ctx.test),
+            "path": str(ctx.dataset.path), "train_frames": ctx.train_frames, "test_frames": len(ctx.test),
             "generated_seconds": _finite_or_none(ctx.dataset.seconds),
         },
         "stages": progress_info,
         "wall_seconds": {k: v.get("seconds") for k, v in progress_info.items()},
         "metrics": metrics,
         "mixed_vs_control": _comparison(metrics),
-        "targets": _targets(metrics),
+        "targets": _targets(metrics, ctx.stages[-1]),
         "glossary": SUMMARY_GLOSSARY,
     }

@@ -4,14 +4,15 @@
 ``summary.json`` and writes three PNG files into ``run_dir/plots``:
 
 * ``ramachandran.png``: phi/psi free energy (-ln of the histogram density, in kT, with a
-  colour bar) of the MD test data and of the samples of the NLL model, the NLL-only control
-  and the mixed model; the fraction of each basin and the KL to MD above each panel;
-* ``energies.png``: energy histograms of the same four on an axis that is linear up to
+  colour bar) of the MD test data and of the samples of every model of the run (NLL model,
+  NLL-only control and mixed model; or the kl model of the ``kl_only`` route); the fraction
+  of each basin and the KL to MD above each panel;
+* ``energies.png``: energy histograms of the same on an axis that is linear up to
   E_cut and logarithmic above it, with E_cut marked;
-* ``training.png``: per epoch of the mixed stage, E_max (effective and scheduled), the KL
-  skip rate (axis scaled to the data), the median, 90th percentile and maximum raw energy of
-  the generated samples (a maximum that climbs by more than a decade is pointed out), and
-  the losses of all three training stages.
+* ``training.png``: per epoch of the gated stage (mixed, or kl), E_max (effective and
+  scheduled), the KL skip rate (axis scaled to the data), the median, 90th percentile and
+  maximum raw energy of the generated samples (a maximum that climbs by more than a decade
+  is pointed out), and the losses of every training stage.
 
 Needs matplotlib (``pip install bgflow-gate[plots]``).
 """
@@ -31,8 +32,17 @@ __all__ = ["draw_plots", "read_history", "read_summary", "PLOT_FILES", "format_s
 #: The files :func:`draw_plots` writes into ``plots/``.
 PLOT_FILES = ("ramachandran.png", "energies.png", "training.png")
 
-_MODELS = (("md", "MD (test data)"), ("nll", "NLL model"), ("control", "NLL-only control"), ("mixed", "mixed (gated)"))
-_COLORS = {"md": "black", "nll": "tab:blue", "control": "tab:orange", "mixed": "tab:green"}
+_LABELS = {"md": "MD (test data)", "nll": "NLL model", "control": "NLL-only control", "mixed": "mixed (gated)",
+           "kl": "reverse KL only (gated)"}
+_COLORS = {"md": "black", "nll": "tab:blue", "control": "tab:orange", "mixed": "tab:green", "kl": "tab:red"}
+#: The training stages whose history the plots read, and the gated ones among them.
+_STAGES = ("nll", "control", "mixed", "kl")
+_GATED = ("mixed", "kl")
+
+
+def _models(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, label)`` of MD and of every model the run evaluated, in the order of its metrics."""
+    return [(key, _LABELS.get(key, key)) for key in ["md", *(k for k in summary["metrics"] if k != "md")]]
 
 
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
@@ -73,9 +83,14 @@ def _basin_text(metrics: dict[str, Any], key: str) -> str:
 
 
 def _ramachandran(plt, ev, summary, path: Path) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 10), sharex=True, sharey=True, layout="constrained")
+    models = _models(summary)
+    rows = math.ceil(len(models) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 5 * rows), sharex=True, sharey=True, layout="constrained",
+                             squeeze=False)
     edges = np.linspace(-180, 180, 61)
-    for ax, (key, label) in zip(axes.flat, _MODELS):
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes.flat, models):
         phi, psi = np.degrees(ev[f"{key}_phi"]), np.degrees(ev[f"{key}_psi"])
         h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], density=True)
         with np.errstate(divide="ignore"):
@@ -84,7 +99,7 @@ def _ramachandran(plt, ev, summary, path: Path) -> None:
         ax.set_title(f"{label}, {len(phi)} samples\n{_basin_text(summary['metrics'], key)}", fontsize=10)
         for x in (-120, 0):
             ax.axvline(x, color="gray", lw=0.5, ls="--")
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("phi [deg]")
     for ax in axes[:, 0]:
         ax.set_ylabel("psi [deg]")
@@ -105,12 +120,12 @@ def _energy_bins(low: float, e_cut: float, high: float) -> np.ndarray:
 
 def _energies(plt, ev, summary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    e_cut, md = summary["e_cut_kjmol"], ev["md_energy"]
-    samples = [ev[f"{k}_energy"] for k, _ in _MODELS[1:]]
+    e_cut, md, models = summary["e_cut_kjmol"], ev["md_energy"], _models(summary)
+    samples = [ev[f"{k}_energy"] for k, _ in models[1:]]
     finite = np.concatenate([md, *(e[np.isfinite(e)] for e in samples)])
     low, high = float(np.min(md)) - 20, float(max(e_cut * 2, np.max(finite)))
     bins = _energy_bins(low, e_cut, high)
-    for (key, label), e in zip(_MODELS, [md, *samples]):
+    for (key, label), e in zip(models, [md, *samples]):
         if key == "md":
             ax.hist(e, bins=bins, density=True, histtype="step", color=_COLORS[key], lw=2, label=label)
             continue
@@ -164,7 +179,8 @@ def _raw_energy_panel(ax, mixed) -> None:
 
 
 def _losses_panel(ax, histories) -> None:
-    offset, nll, mixed = 0, histories.get("nll", {}), histories.get("mixed", {})
+    offset, nll = 0, histories.get("nll", {})
+    gated = next((s for s in _GATED if s in histories), None)
     if nll:
         ax.plot(nll["epoch"], nll["nll"], color=_COLORS["nll"], label="NLL stage: NLL")
         offset = len(nll["epoch"])
@@ -172,29 +188,32 @@ def _losses_panel(ax, histories) -> None:
         h = histories.get(stage, {})
         if h:
             ax.plot(offset + h["epoch"], h["nll"], color=_COLORS[stage], label=f"{stage}: NLL")
-    if mixed and np.isfinite(mixed["kll"]).any():
-        twin = ax.twinx()
-        twin.plot(offset + mixed["epoch"], mixed["kll"], color=_COLORS["mixed"], ls=":", label="mixed: KL loss")
+    h = histories.get(gated, {})
+    if h and np.isfinite(h["kll"]).any():
+        twin = ax.twinx() if histories.get("nll") else ax
+        twin.plot(offset + h["epoch"], h["kll"], color=_COLORS[gated], ls=":", label=f"{gated}: KL loss")
         twin.set_ylabel("KL loss [kT]")
         twin.legend(fontsize=8, loc="upper center")
-    ax.set_xlabel("epoch (NLL stage, then its continuations)")
-    ax.set_ylabel("NLL")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("epoch (NLL stage, then its continuations)" if nll else "epoch")
+    if nll:
+        ax.set_ylabel("NLL")
+        ax.legend(fontsize=8)
 
 
 def _training(plt, histories, summary, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    mixed = histories.get("mixed", {})
+    stage = next((s for s in _GATED if s in histories), "mixed")
+    gated = histories.get(stage, {})
     panels = (
-        (axes[0, 0], _thresholds_panel, (summary,), "mixed stage: gate thresholds [kJ/mol]"),
-        (axes[0, 1], _skip_panel, (), "mixed stage: skipped and gated [%]"),
-        (axes[1, 0], _raw_energy_panel, (), "mixed stage: raw energy of generated samples [kJ/mol]"),
+        (axes[0, 0], _thresholds_panel, (summary,), f"{stage} stage: gate thresholds [kJ/mol]"),
+        (axes[0, 1], _skip_panel, (), f"{stage} stage: skipped and gated [%]"),
+        (axes[1, 0], _raw_energy_panel, (), f"{stage} stage: raw energy of generated samples [kJ/mol]"),
     )
     for ax, draw, extra, title in panels:
-        if mixed:
-            draw(ax, mixed, *extra)
+        if gated:
+            draw(ax, gated, *extra)
         ax.set_title(title)
-        ax.set_xlabel("epoch of the mixed stage")
+        ax.set_xlabel(f"epoch of the {stage} stage")
     _losses_panel(axes[1, 1], histories)
     axes[1, 1].set_title("losses")
     _save(plt, fig, path, f"{summary['experiment']}: training")
@@ -209,7 +228,7 @@ def _upgrade(summary: dict[str, Any]) -> dict[str, Any]:
         if key != "md" and "ess" in m:
             m["effective_samples"] = m.pop("ess")
             m.setdefault("reweighting_reliable", m["effective_samples"] >= RELIABLE_EFFECTIVE_SAMPLES)
-    comparison = summary["mixed_vs_control"]
+    comparison = summary.get("mixed_vs_control") or {}
     if "kl_noise_level" in comparison:
         comparison["phi_psi_kl_noise"] = comparison.pop("kl_noise_level")
     return summary
@@ -249,7 +268,7 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
     summary = read_summary(root)
     plt = _pyplot()
     histories = {}
-    for stage in ("nll", "control", "mixed"):
+    for stage in _STAGES:
         path = root / f"history_{stage}.csv"
         if path.is_file():
             histories[stage] = read_history(path)
@@ -285,18 +304,27 @@ def format_summary(summary: dict) -> str:
                  f"{('%.2f' % md_df) if md_df is not None else 'n/a':>16}")
     if any(not m.get("reweighting_reliable", True) for m in models.values()):
         lines.append("* reweighted from fewer than 100 effective samples: unreliable (reweighted basins too)")
-    c = summary["mixed_vs_control"]
+    c = summary.get("mixed_vs_control")
+    if c is None:
+        return "\n".join(lines + _gated_lines(summary))
     lines.append(
         f"mixed vs control: below E_cut {100 * c['below_e_cut_gain']:+.2f} points "
         f"(+- {100 * c['below_e_cut_gain_standard_error']:.2f}), ESS {c['ess_percent_gain']:+.3g} points, "
         f"phi/psi KL {c['phi_psi_kl_change']:+.3f} (noise ~{c['phi_psi_kl_noise']:g}) -> "
         f"{'the mixed stage helped' if c['mixed_helps'] else 'the mixed stage did NOT help'}"
     )
-    rise = summary["stages"].get("mixed", {}).get("raw_energy_max_kjmol") or {}
-    first, last = rise.get("first_epoch"), rise.get("last_epoch")
-    if first is not None and last is not None and first > 0 and last > 10 * first:
-        lines.append(f"mixed stage: the highest raw energy of a batch rose from {first:.2g} to {last:.2g} kJ/mol "
-                     "(samples above E_max are dropped from the KL term; see plots/training.png)")
+    return "\n".join(lines + _gated_lines(summary))
+
+
+def _gated_lines(summary: dict) -> list[str]:
+    """A warning when the highest raw energy of the gated stage's batches rose, and the wall times."""
+    lines = []
+    for stage in _GATED:
+        rise = summary["stages"].get(stage, {}).get("raw_energy_max_kjmol") or {}
+        first, last = rise.get("first_epoch"), rise.get("last_epoch")
+        if first is not None and last is not None and first > 0 and last > 10 * first:
+            lines.append(f"{stage} stage: the highest raw energy of a batch rose from {first:.2g} to {last:.2g} kJ/mol "
+                         "(samples above E_max are dropped from the KL term; see plots/training.png)")
     lines.append("wall time [s]: " + ", ".join(
         f"{k} {v:.0f}" for k, v in summary["wall_seconds"].items() if v is not None))
-    return "\n".join(lines)
+    return lines

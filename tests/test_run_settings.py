@@ -26,7 +26,7 @@ def settings(tmp_path, body: str, **kwargs):
     return run_settings(load_experiments(path), "exp", source=str(path), cuda_available=False, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu"])
+@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu", "aa_vacuum_kl"])
 def test_every_repository_experiment_validates(name):
     s = run_settings(load_experiments(REPO_CONFIG), name, cuda_available=True)
     assert s["name"] == name
@@ -103,7 +103,7 @@ def test_train_and_data_refuse_a_schedule_preset_saying_what_it_is_for(name):
 
     experiments = load_experiments(REPO_CONFIG)
     message = rf"'{name}' is a schedule preset, not an experiment to train: .*bgflow-gate schedule --experiment {name}"
-    with pytest.raises(ConfigError, match=message + ".*experiments: aa_300_450_cpu, aa_300_450_gpu, smoke$"):
+    with pytest.raises(ConfigError, match=message + ".*experiments: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_kl, smoke$"):
         run_settings(experiments, name, cuda_available=True)
     with pytest.raises(ConfigError, match="is a schedule preset, not an experiment to generate data for"):
         data_settings(experiments, name)
