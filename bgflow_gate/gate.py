@@ -11,6 +11,11 @@ energy ``u``:
 * otherwise the output is ``u`` below ``E_cut`` and ``E_cut + log(1 + u - E_cut)`` above
   it: continuous, monotone, with slope 1 at ``E_cut`` and ``1 / (1 + u - E_cut)`` above.
 
+What a sample contributes to a KL loss, by ``u``, is the gate's contract too
+(:meth:`ScheduledEnergyGate.kl_terms`): below E_cut the exact ``u - log|det J|``; between
+E_cut and E_max what the ``above_cut`` option says (:data:`ABOVE_CUT`); gated samples are the
+trainer's skip policy's to decide.
+
 Thresholds are given in kJ/mol. The output keeps the target's unit (bgflow's OpenMM
 energies are in kT), so the gate can replace the target of a ``BoltzmannGenerator``.
 """
@@ -19,15 +24,14 @@ from __future__ import annotations
 
 import math
 import types
-import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from . import bg
+from .guard import GuardedTarget, as_batch, guard_gradients
 from .schedules import Schedule, as_schedule, schedule_from_dict
 from .stats import EnergyStatistics, GateReason, StatisticsWindows, describe_statistics
-from .guard import GuardedTarget, as_batch, guard_gradients
 from .targets import energy_unit, generator_target
 from .units import KT, kt_in_kjmol
 from .validation import check_number, check_open_fraction

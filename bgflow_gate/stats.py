@@ -20,10 +20,8 @@ from __future__ import annotations
 import enum
 import functools
 import math
-import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [

@@ -24,7 +24,7 @@ from .gradients import GradientSet, add_kl, clip_total_norm, combine, split_grad
 from ..validation import check_number, check_whole
 from .policies import SkipPolicy
 
-__all__ = ["StepNumbers", "StepSettings", "StepOutcome", "KLStep", "clip_gradient", "test_nll"]
+__all__ = ["StepNumbers", "StepSettings", "StepOutcome", "KLStep", "clip_gradient", "held_out_nll"]
 
 
 class StepNumbers(NamedTuple):
@@ -115,16 +115,13 @@ class KLStep:
     gate : ScheduledEnergyGate or None
     policy : SkipPolicy
     ranks : Ranks
-    params : list of torch.nn.Parameter
-        The optimiser's trainable parameters.
     max_grad_norm : float or None
         Clip the total gradient norm to this.
     """
 
-    def __init__(self, generator, target, gate, policy: SkipPolicy, ranks: Ranks, params: list,
-                 max_grad_norm: float | None):
+    def __init__(self, generator, target, gate, policy: SkipPolicy, ranks: Ranks, max_grad_norm: float | None):
         self.generator, self.target, self.gate, self.policy = generator, target, gate, policy
-        self.ranks, self.params = ranks, params
+        self.ranks, self.params = ranks, []
         self.max_grad_norm = max_grad_norm
         self.ddp = [m for m in generator.modules() if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
 
@@ -186,6 +183,7 @@ class KLStep:
         to the host.
         """
         optim.zero_grad(set_to_none=True)
+        self.params = [p for group in optim.param_groups for p in group["params"] if p.requires_grad]
         failure = None
         try:
             with self.ranks.no_sync(self.ddp):
@@ -227,7 +225,7 @@ class KLStep:
         )
 
 
-def test_nll(generator, sampler, s: StepSettings) -> float:
+def held_out_nll(generator, sampler, s: StepSettings) -> float:
     """The generator's NLL on a batch of test data (nan without a test sampler)."""
     if sampler is None:
         return float("nan")

@@ -27,7 +27,7 @@ from .ledger import EpochLedger, TensorBoardLog, summary_line, write_history
 from .lr import LinearWarmup, step_epoch_schedulers, step_iteration_schedulers
 from .monitor import HealthMonitor, StallRemedy
 from .policies import skip_policy as make_skip_policy
-from .step import KLStep, StepSettings, test_nll
+from .step import KLStep, StepSettings, held_out_nll
 
 __all__ = ["ProgressiveKLTrainer"]
 
@@ -132,7 +132,7 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
         self.ranks = Ranks.resolve(process_group, self.bg)
         self.data = DataSlots(self.ranks)
         self.kl_step = KLStep(self.bg, self.gate if self.gate is not None else generator_target(self.bg), self.gate,
-                              self.policy, self.ranks, self._params(), self.max_grad_norm)
+                              self.policy, self.ranks, self.max_grad_norm)
         self._pending_rng: dict | None = None  # from a checkpoint, restored when training continues
         self._synchronised = False  # parameters broadcast and rank streams set (distributed)
         self.log = TensorBoardLog(log_dir) if log_dir is not None and self.ranks.is_main else None
@@ -143,10 +143,6 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
         """The reporter's loss labels, one per value reported each iteration."""
         return ([["KLL"], []][not self.train_energy] + [["NLL"], []][not self.train_likelihood]
                 + [["NLL(Test)"], []][not self.test_likelihood] + (["Custom"] if self.custom_loss else []))
-
-    def _params(self) -> list:
-        # the optimizer's parameters: cheaper to list than walking the module tree each step
-        return [p for group in self.optim.param_groups for p in group["params"] if p.requires_grad]
 
     # -- epochs ------------------------------------------------------------------------
 
@@ -248,7 +244,7 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
         reports = [outcome.kll] if self.train_energy else []
         reports += [outcome.numbers.nll] if self.train_likelihood else []
         if self.test_likelihood:
-            reports.append(test_nll(self.bg, test_sampler, settings))
+            reports.append(held_out_nll(self.bg, test_sampler, settings))
         if self.custom_loss is not None:
             reports.append(outcome.numbers.custom if settings.w_custom is not None else math.nan)
         return reports
