@@ -7,14 +7,16 @@ schedule
     experiments file, or one given by options.
 data
     Generate (or load from the cache) an experiment's alanine dipeptide training data by
-    replica exchange, and check it.
+    replica exchange, and check it; write the system snapshot beside it (what a run on a
+    machine without OpenMM reads).
 check-data
     Check a dataset file: finite coordinates, energies against the force field, basins,
     statistical inefficiency.
 train
-    Train a Boltzmann generator for alanine dipeptide end to end (data, NLL stage, mixed
-    stage with the gate and its NLL-only control, evaluation, plots); ``--resume``
-    continues a killed run.
+    Train a Boltzmann generator for alanine dipeptide end to end (data, then the stages of
+    the experiment's route: NLL stage, mixed stage with the gate and its NLL-only control;
+    or gated reverse KL alone from the physically initialised flow; evaluation, plots);
+    ``--resume`` continues a killed run.
 report
     Re-draw the plots of a finished run and print its metrics.
 
@@ -136,9 +138,11 @@ def _add_train(sub) -> None:
     train = sub.add_parser(
         "train", help="train a Boltzmann generator for alanine dipeptide end to end",
         description=(
-            "Data (replica exchange, cached, checked) -> spline generator on internal coordinates -> "
-            "NLL stage -> mixed NLL+KL stage with the energy gate, beside an NLL-only control of equal "
-            "length -> evaluation against MD -> summary.json and plots in the run directory."
+            "Data (replica exchange, cached, checked) -> the experiment's route: spline generator on internal "
+            "coordinates -> NLL stage -> mixed NLL+KL stage with the energy gate, beside an NLL-only control of "
+            "equal length (training.route nll_then_mixed); or the physically initialised generator trained by "
+            "gated reverse KL alone, no MD data (kl_only) -> evaluation against the MD test frames -> "
+            "summary.json and plots in the run directory."
         ),
     )
     _experiment_options(train, quiet="no progress line, no per-epoch lines")
@@ -249,7 +253,19 @@ def _cmd_data(args: argparse.Namespace) -> str:
               flush=True)
     dataset = generate_dataset(settings, _data_dir(args), progress=not args.quiet)
     origin = "loaded from the cache" if dataset.from_cache else "generated"
-    return _verdict(f"{dataset.path} ({origin})\n", validate_dataset(dataset), format_validation)
+    snapshot = _write_snapshot(settings, _data_dir(args))
+    head = f"{dataset.path} ({origin})\nsystem snapshot for runs without OpenMM: {snapshot}\n"
+    return _verdict(head, validate_dataset(dataset), format_validation)
+
+
+def _write_snapshot(settings, data_dir):
+    """Write the system snapshot beside the data (:mod:`bgflow_gate.systems.snapshot`), so a
+    machine without OpenMM can train from this cache."""
+    from .systems.alanine import alanine_dipeptide
+    from .systems.snapshot import SystemSnapshot, snapshot_path
+
+    system = alanine_dipeptide(settings.solvent)
+    return SystemSnapshot.of(system, settings.t_min).save(snapshot_path(data_dir, settings.solvent))
 
 
 def _verdict(head: str, report: dict, formatter) -> str:
