@@ -212,9 +212,15 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: What a run started before these settings existed did: it resumes with them (an old run
+#: used OpenMM, so resuming one needs ``energy.backend: openmm``; the error says so).
+_EARLIER_RUNS = {"model.kind": "spline", "model.rotors": "all", "training.route": "nll_then_mixed",
+                 "training.kl_epochs": 400, "training.kl_lr_floor": None, "energy.backend": "openmm"}
+
+
 def _changed_settings(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``"training.lr: 0.001 in the run, 0.5 now"`` for every setting that differs."""
-    old, new = _flat(stored), _flat(wanted)
+    old, new = {**_EARLIER_RUNS, **_flat(stored)}, _flat(wanted)
     missing = "(not set)"
     return [f"{key}: {old.get(key, missing)!r} in the run, {new.get(key, missing)!r} now"
             for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
