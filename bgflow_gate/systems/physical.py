@@ -285,17 +285,9 @@ def _physical_scale(ic, positions: np.ndarray, mask: np.ndarray, spreads: Spread
 
 
 def physical_generator(
-    system,
-    target,
-    rotors: Iterable[str] = ALL_ROTORS,
-    z_matrix: np.ndarray | None = None,
-    positions: np.ndarray | None = None,
-    spreads: Spreads = Spreads(),
-    n_torsion_layers: int = 4,
-    n_rest_layers: int = 4,
-    hidden: int = 128,
-    n_bins: int = 8,
-    dtype: torch.dtype = torch.float32,
+    system, target, rotors: Iterable[str] = ALL_ROTORS, z_matrix: np.ndarray | None = None,
+    positions: np.ndarray | None = None, spreads: Spreads = Spreads(), n_torsion_layers: int = 4,
+    n_rest_layers: int = 4, hidden: int = 128, n_bins: int = 8, dtype: torch.dtype = torch.float32,
 ):
     """A Boltzmann generator for alanine dipeptide that needs no MD data.
 
@@ -327,17 +319,13 @@ def physical_generator(
     """
     if z_matrix is None:
         z_matrix = global_z_matrix(system.topology)
-    if positions is None:
-        positions = minimized_positions(system)
     ic = bg.GlobalInternalCoordinateTransformation(z_matrix, normalize_angles=True)
     mask = rotor_rows(ic.torsion_indices, system.topology, rotors)
+    positions = minimized_positions(system) if positions is None else positions
     mean, std, other_mean = _physical_scale(ic, positions, mask, spreads)
     sizes = (ic.dim_bonds, ic.dim_angles, int(mask.sum()), int((~mask).sum()))
-    flow = ICSplineFlow(
-        sizes, mean, std, n_torsion_layers=n_torsion_layers, n_rest_layers=n_rest_layers,
-        hidden=hidden, n_bins=n_bins,
-    )
+    flow = ICSplineFlow(sizes, mean, std, n_torsion_layers=n_torsion_layers, n_rest_layers=n_rest_layers,
+                        hidden=hidden, n_bins=n_bins)
     flow = bg.SequentialFlow([flow, TorsionLayout(mask, other_mean), bg.InverseFlow(ic)]).to(dtype)
-    dim = sum(sizes)
-    prior = bg.NormalDistribution(dim, mean=torch.zeros(dim, dtype=dtype))
+    prior = bg.NormalDistribution(sum(sizes), mean=torch.zeros(sum(sizes), dtype=dtype))
     return bg.BoltzmannGenerator(prior, flow, target)
