@@ -4,15 +4,16 @@
 #   1. the CUDA-marked tests (pytest -m cuda tests/test_torch_energy.py),
 #   2. the torch-energy benchmark (batch 256 ... 65,536, float32 and float64),
 #   3. the gate and trainer benchmarks,
-#   4. a shortened aa_300_450_gpu experiment, once the pipeline has a torch energy backend
-#      (skipped until gpu_cache/experiments.yaml exists).
+#   4. a shortened aa_300_450_gpu experiment (the pipeline's torch energy from the cached
+#      system snapshot and data; skipped unless `make_gpu_cache.py --experiment` wrote them).
 #
 # What it needs travels in gpu_cache/ (git-ignored; write it here with
 # `python benchmarks/make_gpu_cache.py`, where OpenMM is installed, and carry "gpu_cache").
 #
 # Usage:
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine
-#   bash benchmarks/gpu_check.sh --device cpu     # a dry run here (smaller batches)
+#   bash benchmarks/gpu_check.sh --device cpu     # a dry run here (smaller batches; the
+#                                                 # experiment takes minutes on 2 cores)
 # Logs go to $OUT (the device machine's output folder) or ./gpu_check_out.
 
 set -uo pipefail
@@ -53,21 +54,23 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, report
 }
 
 if [ "$DEVICE" = cuda ]; then
-    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024
+    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024; EXPERIMENT_LIMIT=170
 else
-    SIZES=256,1024; GATE_SIZES=256,4096; TRAIN_BATCH=256
+    SIZES=256,1024; GATE_SIZES=256,4096; TRAIN_BATCH=256; EXPERIMENT_LIMIT=600
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-step cuda_tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
-step bench_energy 150 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
-step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES"
-step bench_trainer 60 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2
+step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
+step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
+step bench_gate 45 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES"
+step bench_trainer 45 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2
 if [ -f "$CACHE/experiments.yaml" ]; then
-    step aa_300_450_gpu 150 "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
-        --experiment aa_300_450_gpu --device "$DEVICE" --data-dir "$CACHE/data" --out "$LOGS/aa_300_450_gpu"
+    RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
+    step aa_300_450_gpu "$EXPERIMENT_LIMIT" "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
+        --experiment aa_300_450_gpu --device "$DEVICE" --data-dir "$CACHE/data" --out "$RUN"
+    cp "$RUN/summary.json" "$LOGS/aa_300_450_gpu_summary.json" 2>/dev/null
 else
-    echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (the pipeline's torch backend is not there yet)"
+    echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (make_gpu_cache.py --experiment writes it)"
 fi
 echo "=== done in $(( SECONDS - START )) s; $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'some step FAILED')"
 exit $FAILED

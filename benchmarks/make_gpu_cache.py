@@ -7,11 +7,14 @@ GPU run carries:
   :meth:`TorchEnergy.to_dict`, 300 K), ``positions`` (openmmtools' structure, ``[22, 3]`` nm)
   and ``reference`` (``frames [8, 66]``, OpenMM Reference ``energies`` [8] in kJ/mol and
   ``forces [8, 66]`` in kJ/mol/nm), loadable with ``torch.load(..., weights_only=True)``;
-* ``wheels/``: pure-Python wheels of the package's imports that the GPU image lacks (zuko).
+* ``wheels/``: pure-Python wheels of the package's imports that the GPU image lacks (zuko);
+* with ``--experiment``: ``experiments.yaml`` (the packaged experiments, ``aa_300_450_gpu``
+  shortened: :data:`SHORT_GPU_RUN`) and its replica-exchange data with the system snapshot in
+  ``data/`` (``bgflow-gate data``, minutes here), so the GPU run can train it without OpenMM.
 
 Usage::
 
-    python benchmarks/make_gpu_cache.py [--out gpu_cache]
+    python benchmarks/make_gpu_cache.py [--out gpu_cache] [--experiment]
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from bgflow_gate.energies import TorchEnergy
 from bgflow_gate.energies.openmm_reader import reference_energies
 from bgflow_gate.systems.alanine import SOLVENTS, alanine_dipeptide
 
+#: What the shortened ``aa_300_450_gpu`` changes (nested keys of the experiment).
+SHORT_GPU_RUN = {
+    "data": {"n_iterations": 120, "equilibration_iterations": 10},
+    "training": {"nll_epochs": 12, "mixed_epochs": 6, "iters_per_epoch": 10, "warmup_epochs": 2},
+    "evaluation": {"n_samples": 20000},
+}
 #: Imports of the package that the GPU image does not have (its list: /work/.library/device/KINDS.md).
 WHEELS = ("zuko",)
 
@@ -64,16 +73,35 @@ def download_wheels(out: Path) -> None:
         print(f"wrote the wheel of {pinned} into {wheels}")
 
 
+def write_short_experiment(out: Path) -> None:
+    """``experiments.yaml`` with ``aa_300_450_gpu`` shortened, and its data in ``out / "data"``."""
+    import yaml
+    from importlib import resources
+
+    experiments = yaml.safe_load(resources.files("bgflow_gate").joinpath("experiments.yaml").read_text())
+    run = experiments["aa_300_450_gpu"]
+    for section, changes in SHORT_GPU_RUN.items():
+        run[section] = {**run.get(section, {}), **changes}
+    (out / "experiments.yaml").write_text(yaml.safe_dump(experiments, sort_keys=False))
+    command = [sys.executable, "-m", "bgflow_gate.cli", "data", "--experiment", "aa_300_450_gpu",
+               "--config", str(out / "experiments.yaml"), "--data-dir", str(out / "data")]
+    subprocess.run(command, check=True)
+    print(f"wrote {out / 'experiments.yaml'} and the data of the shortened aa_300_450_gpu into {out / 'data'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "gpu_cache")
     parser.add_argument("--no-wheels", action="store_true", help="skip downloading the wheels")
+    parser.add_argument("--experiment", action="store_true", help="also the shortened aa_300_450_gpu and its data")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for solvent in SOLVENTS:
         cache_system(solvent, args.out)
     if not args.no_wheels:
         download_wheels(args.out)
+    if args.experiment:
+        write_short_experiment(args.out)
 
 
 if __name__ == "__main__":
