@@ -11,7 +11,7 @@ longest run of epochs in which every KL batch was skipped.
 Usage::
 
     python benchmarks/bench_long_schedule.py [--epochs 1500] [--iters-per-epoch 1] [--batch 128]
-        [--above-cut energy] [--json out.json]
+        [--above-cut energy] [--adaptive-quantile 0.9] [--on-stall relax] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--above-cut", default="energy")
+    parser.add_argument("--adaptive-quantile", type=float, default=None)
+    parser.add_argument("--on-stall", default="warn", choices=("warn", "relax"))
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--data-dir", default=None)
@@ -77,14 +79,17 @@ def main(argv=None) -> list[dict]:
     generator, target = realnvp_generator(system, train, args.blocks, args.hidden)
     schedule = ThreeStageSchedule()
     trainer = ProgressiveKLTrainer(generator, torch.optim.Adam(generator.parameters(), lr=5e-4), schedule=schedule,
-                                   iters_per_epoch=args.iters_per_epoch, above_cut=args.above_cut)
+                                   iters_per_epoch=args.iters_per_epoch, above_cut=args.above_cut,
+                                   adaptive_quantile=args.adaptive_quantile, on_stall=args.on_stall)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingHealthWarning)
         history = trainer.train(n_epochs=args.epochs, data=train, batchsize=args.batch, w_likelihood=0.9, w_energy=0.1)
     print(f"{args.epochs} epochs x {args.iters_per_epoch} iterations x {args.batch} samples, RealNVP {args.blocks} x "
-          f"{args.hidden}, above_cut={args.above_cut!r}: {time.perf_counter() - start:.0f} s, torch threads "
-          f"{torch.get_num_threads()}")
+          f"{args.hidden}, above_cut={args.above_cut!r}, adaptive_quantile={args.adaptive_quantile}, "
+          f"on_stall={args.on_stall!r}: {time.perf_counter() - start:.0f} s, torch threads {torch.get_num_threads()}")
+    actions = [a for r in history for a in r["actions"]]
+    print(f"stall remedies: {len(actions)}" + (f" (first: {actions[0]}; last: {actions[-1]})" if actions else ""))
     report(history, schedule, args.window)
     if args.json:
         with open(args.json, "w") as fh:

@@ -127,14 +127,15 @@ class KLStep:
 
     # -- the local part ------------------------------------------------------------------
 
-    def kl_terms(self, s: StepSettings):
+    def kl_terms(self, s: StepSettings, force_scale: list):
         """Fresh samples' KL contributions: ``(sum over included samples, included,
-        gated, above E_cut, log-dets [n])``."""
+        gated, above E_cut, log-dets [n])``. With ``clip_forces``, ``force_scale[0]`` must
+        hold the loss's factor on the sum before the backward pass (see :func:`clip_gradient`)."""
         prior, flow = self.generator.prior, self.generator.flow
         z = _as_tuple(prior.sample(s.batchsize, temperature=s.temperature))
         *x, dlogp = flow(*z, temperature=s.temperature)
         if s.clip_forces is not None:
-            x = [clip_gradient(xi, s.clip_forces, s.w_kl) for xi in x]
+            x = [clip_gradient(xi, s.clip_forces, force_scale) for xi in x]
         energy = self.target.energy(*x, temperature=s.temperature)
         dlogp = dlogp.reshape(-1)
         if self.gate is None:
@@ -152,9 +153,14 @@ class KLStep:
         kl_sum = included = gated = above = ld = nll = custom = None
         kl_grads = None
         if s.train_energy:
-            kl_sum, included, gated, above, ld = self.kl_terms(s)
+            force_scale: list = []
+            kl_sum, included, gated, above, ld = self.kl_terms(s, force_scale)
             if s.w_kl > 0 and kl_sum.requires_grad:
-                kl_grads = torch.autograd.grad(s.w_kl * kl_sum, self.params, allow_unused=True)
+                # in one process the mean's divisor is known now: differentiate the mean itself
+                scale = s.w_kl if self.ranks.distributed else s.w_kl / self.policy.applies(
+                    included.detach(), gated, s.batchsize)[1]
+                force_scale.append(scale)
+                kl_grads = torch.autograd.grad(scale * kl_sum, self.params, allow_unused=True)
         loss = None
         if s.train_likelihood:
             nll = self.generator.energy(*_as_tuple(sampler.sample(s.batchsize)), temperature=s.temperature).mean()
@@ -205,7 +211,8 @@ class KLStep:
         if train_energy:
             applies, denominator = self.policy.applies(t.included, t.gated, n_total)
             kll = t.kl_sum / denominator
-            grads = grads.scaled_kl(denominator)
+            if self.ranks.distributed:  # the ranks' gradients of sums, now the global mean's
+                grads = grads.scaled_kl(denominator)
             kl_ok = applies & all_finite(grads.kl)
         decision = torch.stack([kll, applies.to(kll), kl_ok.to(kll)])
         values = torch.cat([numbers, decision]).double().tolist()  # the one read back to the host
@@ -264,21 +271,25 @@ def _raise_on_failure(failed: float, failure: Exception | None, iteration: int) 
 
 
 class _ClipGradient(torch.autograd.Function):
-    """Identity whose backward clamps ``grad / scale`` to ``[-limit, limit]`` (and scales back)."""
+    """Identity whose backward clamps ``grad / scale`` to ``[-limit, limit]`` (and scales back);
+    ``scale`` is read from a one-element list when the backward pass runs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, limit: float, scale: float):
-        ctx.limit, ctx.scale = limit, scale
+    def forward(ctx, x: torch.Tensor, limit: float, scale_box: list):
+        ctx.limit, ctx.scale_box = limit, scale_box
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        scale = ctx.scale if ctx.scale != 0 else 1.0
+        scale = ctx.scale_box[0] if ctx.scale_box else 1.0
+        scale = torch.where(torch.as_tensor(scale) != 0, torch.as_tensor(scale), 1.0).to(grad)
         return (grad / scale).clamp(-ctx.limit, ctx.limit) * scale, None, None
 
 
-def clip_gradient(x: torch.Tensor, limit: float, scale: float = 1.0) -> torch.Tensor:
+def clip_gradient(x: torch.Tensor, limit: float, scale_box: list | None = None) -> torch.Tensor:
     """Identity on ``x`` whose backward clamps each gradient component to ``[-limit, limit]``
-    after dividing by ``scale`` (and multiplies back): with ``scale`` the loss weight on a
-    sum of energies, the clamp acts on the force ``-dE/dx`` of each sample."""
-    return _ClipGradient.apply(x, limit, float(scale))
+    after dividing by ``scale_box[0]`` (and multiplies back). The box may be filled after
+    this call, before the backward pass: with the loss's factor on a sum of energies there
+    (known only once the batch's kept samples are counted), the clamp acts on the force
+    ``-dE/dx`` of each sample. An empty box means 1."""
+    return _ClipGradient.apply(x, limit, scale_box if scale_box is not None else [])
