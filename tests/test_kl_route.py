@@ -169,3 +169,18 @@ def test_a_run_begun_before_routes_and_backends_resumes_once_it_asks_for_openmm(
     stored = {"model": {"hidden": 8}, "energy": {}, "training": {}}
     assert _changed_settings(stored, wanted) == ["energy.backend: 'openmm' in the run, 'auto' now"]
     assert _changed_settings(stored, {**wanted, "energy": {"backend": "openmm"}}) == []
+
+
+@pytest.mark.slow
+def test_the_nll_route_runs_on_the_openmm_backend_when_asked(tmp_path):
+    body = TINY_KL.replace("tiny_kl:", "tiny_openmm:").replace(
+        "model: {kind: physical, n_torsion_layers: 1", "model: {kind: spline, n_torsion_layers: 1").replace(
+        "training: {route: kl_only, batch_size: 16, iters_per_epoch: 2, kl_epochs: 3, warmup_epochs: 0,\n"
+        "             kl_lr_floor: 0.1}", "training: {batch_size: 16, iters_per_epoch: 2, nll_epochs: 1, mixed_epochs: 1}"
+    ).replace("energy: {backend: torch}", "energy: {backend: openmm, platform: Reference}")
+    (tmp_path / "experiments.yaml").write_text(body)
+    settings = run_settings(load_experiments(tmp_path / "experiments.yaml"), "tiny_openmm")
+    summary = train_experiment(settings, tmp_path / "run", data_dir=tmp_path / "data", progress=False,
+                               log=lambda _: None)
+    assert summary["route"] == "nll_then_mixed" and set(summary["metrics"]) == {"md", "nll", "control", "mixed"}
+    assert summary["energy"]["target"] == ("energy: openmm (platform Reference, 1 worker(s); energy.backend openmm)")

@@ -358,3 +358,10 @@ def test_report_reads_a_summary_written_with_the_old_names(finished, tmp_path, c
     (out / "summary.json").write_text(json.dumps(summary))
     assert main(["report", str(out)]) == 0
     assert "(noise ~0.1)" in capsys.readouterr().out
+
+
+def test_by_default_the_mixed_stage_and_the_evaluation_use_the_torch_energy_and_the_summary_says_why(finished):
+    _, summary = finished
+    assert summary["route"] == "nll_then_mixed"
+    assert summary["energy"]["target"] == ("energy: torch (TorchEnergy on the run's device; energy.backend auto, "
+                                           "and TorchEnergy supports every force of this system)")
