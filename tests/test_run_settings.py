@@ -113,3 +113,21 @@ def test_train_and_data_refuse_a_schedule_preset_saying_what_it_is_for(name):
 def test_an_unknown_kind_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"exp.kind must be 'experiment' or 'schedule_preset', got 'preset'"):
         settings(tmp_path, "kind: preset\n")
+
+
+def test_aa_vacuum_kl_trains_the_physical_flow_by_reverse_kl_alone_on_the_torch_energy():
+    s = run_settings(load_experiments(REPO_CONFIG), "aa_vacuum_kl", cuda_available=False)
+    assert s["training"]["route"] == "kl_only" and s["model"]["kind"] == "physical" and s["model"]["rotors"] == "all"
+    assert s["energy"]["backend"] == "torch" and s["device"] == "cpu"
+    t = s["training"]
+    assert (t["kl_epochs"] * t["iters_per_epoch"], t["batch_size"], t["lr"], t["kl_lr_floor"]) == (6000, 256, 1e-4, 0.1)
+    # the gate's schedule spans the run as in examples/data_free_kl.py: held 750 iterations, E_final at 4,500
+    schedule = s["gate"]["schedule"]
+    assert schedule.hold_epochs * t["iters_per_epoch"] == 750 and schedule.warmup_epochs * t["iters_per_epoch"] == 4500
+
+
+def test_aa_300_450_gpu_is_sized_for_one_gpu_with_the_torch_energy():
+    s = run_settings(load_experiments(REPO_CONFIG), "aa_300_450_gpu", cuda_available=True)
+    assert s["device"] == "cuda" and s["energy"]["backend"] == "torch"
+    assert s["training"]["batch_size"] >= 1024 and s["model"]["hidden"] >= 256
+    assert s["model"]["n_torsion_layers"] + s["model"]["n_rest_layers"] > 8  # bigger than aa_300_450_cpu's 4 + 4
