@@ -309,7 +309,7 @@ def test_batch_dimensions_and_two_event_dims_keep_their_shape(alanine):
     flat = energy.energy(x.reshape(2, 3, 66))
     two = TorchEnergy.from_dict(energy.to_dict(), two_event_dims=True).energy(x.reshape(2, 3, 22, 3))
     assert flat.shape == (2, 3, 1) and torch.equal(flat, two)
-    with pytest.raises(ValueError, match="66"):
+    with pytest.raises((ValueError, AssertionError), match="66"):  # real bgflow asserts the event shape
         energy.energy(x)
 
 
