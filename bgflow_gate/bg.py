@@ -24,6 +24,7 @@ The choice is made once, at import, from the environment variable ``BGFLOW_GATE_
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -46,11 +47,18 @@ def _forget_partial_bgflow() -> None:
 
 
 def _import_bgflow() -> ModuleType:
+    # bgflow imports openmmtools, whose pymbar logs a timeseries warning and a "JAX NOT FOUND"
+    # banner on import: third-party noise that importing bgflow_gate should not print
+    pymbar = logging.getLogger("pymbar")
+    level = pymbar.level
+    pymbar.setLevel(max(level, logging.ERROR))
     try:
         return importlib.import_module("bgflow")
     except BaseException:
         _forget_partial_bgflow()
         raise
+    finally:
+        pymbar.setLevel(level)
 
 
 def _builtin() -> ModuleType:
