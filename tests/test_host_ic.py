@@ -476,19 +476,54 @@ def test_global_orientation_and_ics_stay_in_their_domains():
     assert cos_beta.min().item() >= -1 and cos_beta.max().item() <= 1
 
 
-def test_global_honours_a_third_row_bonded_to_the_first_atom():
+def _global_transforms(z):
+    """The host's global transform of ``z``, and bgflow's where bgflow is the host."""
+    from bgflow_gate import HOST, bg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transforms = [GlobalInternalCoordinateTransformation(z, normalize_angles=False)]
+        if HOST == "bgflow":
+            transforms.append(bg.GlobalInternalCoordinateTransformation(np.asarray(z), normalize_angles=False))
+    return transforms
+
+
+@pytest.mark.parametrize("third_row", [[2, 1, 0, -1], [2, 0, 1, -1]])
+def test_global_reads_the_first_three_atoms_as_a_chain_as_bgflow(third_row):
+    # bgflow reads only which atoms the three rows with -1 place, not their references:
+    # bonds d(1, 0), d(2, 1), angle 2-1-0 even for a row [2, 0, 1, -1]
+    z = [list(r) for r in SMALL_GLOBAL_Z]
+    z[2] = third_row
+    x = small_frames(3, seed=27)
+    xyz = x.reshape(3, 8, 3)
+    outputs = []
+    for ic in _global_transforms(z):
+        np.testing.assert_array_equal(ic.bond_indices[:2], [[1, 0], [2, 1]])
+        np.testing.assert_array_equal(ic.angle_indices[0], [2, 1, 0])
+        bonds, angles, *rest = ic(x)
+        assert torch.allclose(bonds[:, 1], torch.linalg.vector_norm(xyz[:, 2] - xyz[:, 1], dim=-1))
+        assert torch.allclose(angles[:, 0], bond_angles(xyz[:, 2], xyz[:, 1], xyz[:, 0]))
+        x_back, _ = ic(bonds, angles, *rest[:-1], inverse=True)
+        assert (x_back - x).abs().max().item() < 1e-6
+        outputs.append((bonds, angles, rest[0], rest[-1]))
+    for other in outputs[1:]:  # bgflow's: the same bonds, angles, torsions and dlogp
+        for ours, theirs in zip(outputs[0], other):
+            assert (ours - theirs).abs().max().item() < 1e-8
+
+
+def test_global_warns_that_a_third_row_bonded_to_the_first_atom_is_read_as_a_chain():
     z = [list(r) for r in SMALL_GLOBAL_Z]
     z[2] = [2, 0, 1, -1]
-    ic = GlobalInternalCoordinateTransformation(z, normalize_angles=False)
+    with pytest.warns(UserWarning, match=r"chain 0-1-2 \(bond 2-1, angle 2-1-0\)"):
+        ic = GlobalInternalCoordinateTransformation(z)
     x = small_frames(3, seed=27)
-    bonds, angles, *_ = ic(x)
-    xyz = x.reshape(3, 8, 3)
-    assert torch.allclose(bonds[:, 1], torch.linalg.vector_norm(xyz[:, 2] - xyz[:, 0], dim=-1))
-    assert torch.allclose(angles[:, 0], bond_angles(xyz[:, 2], xyz[:, 0], xyz[:, 1]))
     *ics, dlogp = ic(x)
     x_back, dlogp_back = ic(*ics, inverse=True)
     assert (x_back - x).abs().max().item() < 1e-12
     assert (dlogp + dlogp_back).abs().max().item() < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GlobalInternalCoordinateTransformation(SMALL_GLOBAL_Z)
 
 
 def test_global_works_on_alanine_with_a_built_z_matrix(alanine):

@@ -21,7 +21,9 @@ Conventions (those of bgflow)
   ``bond_ref``) and ``torsion = dihedral(atom, bond_ref, angle_ref, torsion_ref)`` (the
   IUPAC dihedral, as ``mdtraj.compute_dihedrals``).  In a global z-matrix the first three
   atoms are marked by ``-1`` for missing references: ``[a, -1, -1, -1]``,
-  ``[b, a, -1, -1]``, ``[c, b, a, -1]``.
+  ``[b, a, -1, -1]``, ``[c, b, a, -1]``.  They always form the chain ``a - b - c``
+  (bonds ``d(b, a)``, ``d(c, b)``, angle ``c - b - a``): bgflow reads only which atoms
+  they are, not their references, so a row ``[c, a, b, -1]`` means ``[c, b, a, -1]``.
 * With ``normalize_angles=True`` angles ``[0, pi]`` are divided by ``pi`` and torsions
   ``[-pi, pi)`` are mapped to ``[0, 1)`` by ``(t + pi) / (2 pi)``.
 * ``dlogp`` is ``log|det J|`` of the computed direction, shaped ``[batch, 1]``; the two
@@ -389,6 +391,19 @@ class _ICProperties:
 # --------------------------------------------------------------------------------------
 
 
+def _warn_unless_chain(z: np.ndarray, a: int, b: int, c: int) -> None:
+    """Warn when the third atom's row names ``a`` as its bond reference: bgflow (and so
+    the host) still bonds it to ``b``, with the angle at ``b``."""
+    c_row = z[np.flatnonzero(z[:, 0] == c)[0]]
+    if int(c_row[1]) != b:
+        warnings.warn(
+            f"z-matrix row {c_row.tolist()}: bgflow's global transform places the first three "
+            f"atoms as the chain {a}-{b}-{c} (bond {c}-{b}, angle {c}-{b}-{a}) and ignores "
+            f"this row's references; write [{c}, {b}, {a}, -1] or choose a chain of bonded atoms",
+            UserWarning, stacklevel=3,
+        )
+
+
 class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
     """All atoms as bonds, angles and torsions, plus the global pose.
 
@@ -402,8 +417,10 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
     z_matrix : array_like of int, shape [n_atoms, 4]
         Rows ``[atom, bond_ref, angle_ref, torsion_ref]``.  The first three atoms ``a, b,
         c`` have trailing ``-1`` entries: ``[a, -1, -1, -1]``, ``[b, a, -1, -1]`` and
-        ``[c, b, a, -1]`` (or ``[c, a, b, -1]``); the rows may appear anywhere, as in
-        bgflow.  Every other row has all three references.
+        ``[c, b, a, -1]``; the rows may appear anywhere, as in bgflow.  As in bgflow the
+        three form the chain ``a - b - c``: a row ``[c, a, b, -1]`` is read as
+        ``[c, b, a, -1]`` (with a warning), since bgflow ignores its references.  Every
+        other row has all three references.
     normalize_angles : bool
         Map angles and torsions (and the two azimuthal Euler angles) to ``[0, 1]``.
     eps : float
@@ -429,8 +446,8 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
 
     Notes
     -----
-    Output order, as bgflow: ``bonds = [d(b, a), d(c, c_bond_ref), *rows]``,
-    ``angles = [angle(c, c_bond_ref, c_angle_ref), *rows]``, ``torsions = rows``, in the
+    Output order, as bgflow: ``bonds = [d(b, a), d(c, b), *rows]``,
+    ``angles = [angle(c, b, a), *rows]``, ``torsions = rows``, in the
     order of the relative rows of ``z_matrix``.  ``x0`` (shape ``[batch, 1, 3]``) is the
     position of atom ``a``; ``orientation = [alpha, cos(beta), gamma]`` are proper z-x-z
     Euler angles of the frame ``R = [e2, e3, e1]`` with ``e1`` along ``b - a`` and
@@ -459,9 +476,9 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
             raise ValueError(f"a global z-matrix needs at least 3 atoms, got {len(z)} rows")
         n_atoms = len(z)
         validate_z_matrix(z, n_atoms)
-        (a, b, c), (c_bond, c_angle), rows = split_global_z_matrix(z)
+        (a, b, c), rows = split_global_z_matrix(z)
+        _warn_unless_chain(z, a, b, c)
         self._initial = (a, b, c)
-        self._c_refs = (c_bond, c_angle)
         self._ics = _ZMatrixICs(rows, [a, b, c], n_atoms, normalize_angles, eps,
                                 enforce_boundaries, raise_warnings)
 
@@ -486,13 +503,12 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
     @property
     def bond_indices(self) -> np.ndarray:
         a, b, c = self._initial
-        first = np.array([[b, a], [c, self._c_refs[0]]], dtype=np.int64)
+        first = np.array([[b, a], [c, b]], dtype=np.int64)
         return np.concatenate([first, self._ics.rows[:, :2]], axis=0)
 
     @property
     def angle_indices(self) -> np.ndarray:
-        c = self._initial[2]
-        first = np.array([[c, *self._c_refs]], dtype=np.int64)
+        first = np.array([self._initial[::-1]], dtype=np.int64)
         return np.concatenate([first, self._ics.rows[:, :3]], axis=0)
 
     @property
@@ -503,10 +519,9 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
 
     def _initial_ics(self, x: torch.Tensor):
         a, b, c = self._initial
-        j, k = self._c_refs
         d_ab = bond_lengths(x[:, b], x[:, a])
-        d_c = bond_lengths(x[:, c], x[:, j])
-        angle_c = bond_angles(x[:, c], x[:, j], x[:, k])
+        d_c = bond_lengths(x[:, c], x[:, b])
+        angle_c = bond_angles(x[:, c], x[:, b], x[:, a])
         return d_ab, d_c, angle_c
 
     def _forward(self, x: torch.Tensor, *args, **kwargs):
@@ -554,14 +569,12 @@ class GlobalInternalCoordinateTransformation(_ICProperties, Flow):
         """Positions of the second and third atoms from their ICs and the frame ``rot``.
 
         In the local frame ``a`` lies at 0, ``b`` on ``+z`` and ``c`` in the ``xz`` plane
-        (``x > 0``); ``rot`` turns the local frame into the global one.
+        (``x > 0``), bonded to ``b`` with the angle ``th_c`` at ``b``; ``rot`` turns the
+        local frame into the global one.
         """
-        a = self._initial[0]
-        j = self._c_refs[0]
         zero = torch.zeros_like(d_ab)
         local_b = torch.stack([zero, zero, d_ab], dim=-1)
-        axis_sign = 1.0 if j == a else -1.0  # direction from c's bond ref to its angle ref
-        z_c = (0.0 if j == a else 1.0) * d_ab + axis_sign * r_c * torch.cos(th_c)
+        z_c = d_ab - r_c * torch.cos(th_c)
         local_c = torch.stack([r_c * torch.sin(th_c), zero, z_c], dim=-1)
         x_b = x0 + torch.einsum("nij,nj->ni", rot, local_b)
         x_c = x0 + torch.einsum("nij,nj->ni", rot, local_c)

@@ -8,7 +8,9 @@ to ``bond_ref``, the angle ``atom-bond_ref-angle_ref`` and the dihedral
   block, no ``-1``.
 * **global** (``fixed_atoms=None``): one row per atom; three rows (the initial atoms
   ``a, b, c``) have trailing ``-1`` for missing references: ``[a, -1, -1, -1]``,
-  ``[b, a, -1, -1]`` and ``[c, b, a, -1]`` (or ``[c, a, b, -1]``).
+  ``[b, a, -1, -1]`` and ``[c, b, a, -1]`` (or ``[c, a, b, -1]``, which bgflow's global
+  transform reads as ``[c, b, a, -1]``: it takes the chain ``a - b - c``, see
+  :func:`split_global_z_matrix`).
 
 The rule (:func:`validate_z_matrix`) is bgflow's: rows may come in **any order**, as long
 as some order places every atom from atoms already placed.  bgflow's
@@ -273,7 +275,7 @@ def validate_z_matrix(z_matrix: ArrayLike, n_atoms: int, fixed_atoms: ArrayLike 
     if not is_global:
         placement_stages(z, given)
     elif n_atoms >= 3:
-        initial, _, rows = split_global_z_matrix(z)
+        initial, rows = split_global_z_matrix(z)
         placement_stages(rows, initial)
     return z
 
@@ -289,9 +291,9 @@ def split_global_z_matrix(z_matrix: ArrayLike):
     Returns
     -------
     initial : tuple of int
-        The atoms ``(a, b, c)`` of the rows with 3, 2 and 1 missing references.
-    c_references : tuple of int
-        The bond and angle references of ``c``: ``(b, a)`` or ``(a, b)``.
+        The atoms ``(a, b, c)`` of the rows with 3, 2 and 1 missing references.  As in
+        bgflow they form the chain ``a - b - c``: a global transform outputs ``d(b, a)``,
+        ``d(c, b)`` and the angle ``c - b - a`` whatever the references of ``c``'s row.
     rows : np.ndarray
         The rows without ``-1``, in their order.
 
@@ -315,4 +317,4 @@ def split_global_z_matrix(z_matrix: ArrayLike):
             f"z-matrix row {index[1]} {c_row.tolist()}: the third atom's bond and angle "
             f"references must be the first two atoms {a} and {b}"
         )
-    return (a, b, c), (int(c_row[1]), int(c_row[2])), z[n_missing == 0]
+    return (a, b, c), z[n_missing == 0]

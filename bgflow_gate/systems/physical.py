@@ -64,7 +64,8 @@ ROTOR_BONDS = {
 ALL_ROTORS = tuple(ROTOR_BONDS)
 #: The backbone dihedrals only (methyls then stay in one of their three wells).
 BACKBONE_ROTORS = ("phi", "psi")
-#: The first three atoms of the global z-matrix: CA (the chiral centre), N, C.
+#: The frame of the global z-matrix: CA (the chiral centre), N, C; its first three rows are
+#: the chain N-CA-C (see :func:`global_z_matrix`).
 CHIRAL_FRAME = (8, 6, 14)
 
 
@@ -158,8 +159,13 @@ def global_z_matrix(topology, frame: Sequence[int] | None = CHIRAL_FRAME, siblin
     ----------
     topology : mdtraj.Topology or openmm.app.Topology
     frame : sequence of three int, optional
-        ``(centre, a, b)``: the first three atoms, ``a`` and ``b`` bonded to ``centre``;
-        the other atoms are placed outward from them by the builder of
+        ``(centre, a, b)``, ``a`` and ``b`` bonded to ``centre``: the first three atoms,
+        written as the chain ``a - centre - b`` (rows ``[a]``, ``[centre, a]``,
+        ``[b, centre, a]``), because bgflow's ``GlobalInternalCoordinateTransformation``
+        reads its first three atoms as a chain whatever their rows say; so the two bonds
+        and the angle ``a - centre - b`` are coordinates, not a 1-3 distance (which would
+        let the angle spread stretch the bond ``centre - b``).
+        The other atoms are placed outward from them by the builder of
         :mod:`bgflow_gate.systems.zmatrix`. ``None`` takes the builder's own choice of
         first atoms (for alanine dipeptide CA, N and the acetyl C, which places CB and HA
         from the acetyl carbon).
@@ -175,7 +181,7 @@ def global_z_matrix(topology, frame: Sequence[int] | None = CHIRAL_FRAME, siblin
         z = z_matrix_from_topology(topology)
     else:
         centre, a, b = (int(i) for i in frame)
-        header = np.array([[centre, -1, -1, -1], [a, centre, -1, -1], [b, centre, a, -1]])
+        header = np.array([[a, -1, -1, -1], [centre, a, -1, -1], [b, centre, a, -1]])
         z = np.concatenate([header, z_matrix_from_topology(topology, fixed_atoms=[centre, a, b])])
     return reference_siblings(z) if siblings else z
 
