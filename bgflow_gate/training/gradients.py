@@ -83,7 +83,7 @@ def add_kl(params: list, grads: GradientSet, with_kl: bool) -> list:
     present = []
     for p, g_kl, g in zip(params, grads.kl, grads.other):
         if with_kl and g_kl is not None:
-            g = g_kl if g is None else g + g_kl
+            g = g_kl if g is None else g.add_(g_kl)  # in place: the other gradient is this step's own
         p.grad = g
         if g is not None:
             present.append(g)
