@@ -15,22 +15,13 @@ pytest.importorskip("openmmtools")
 from bgflow_gate.config import ConfigError, load_experiments, run_settings  # noqa: E402
 from bgflow_gate.pipeline import CosineLR, RunError, make_target, train_experiment  # noqa: E402
 from bgflow_gate.report import read_history  # noqa: E402
+from tiny_runs import tiny_experiment  # noqa: E402
 
-TINY_KL = """
-tiny_kl:
-  device: cpu
-  E_cut: 500.0
-  E_max: 100000.0
-  data: {n_replicas: 3, t_max: 450.0, n_iterations: 60, steps_per_iteration: 20,
-         equilibration_iterations: 2, platform: Reference}
-  gate:
-    schedule: {type: three_stage, e_initial: 1.0e+10, hold_epochs: 1, warmup_epochs: 2}
-  model: {kind: physical, n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}
-  training: {route: kl_only, batch_size: 16, iters_per_epoch: 2, kl_epochs: 3, warmup_epochs: 0,
-             kl_lr_floor: 0.1}
-  energy: {backend: torch}
-  evaluation: {n_samples: 64, bins: 20}
-"""
+TINY_KL = tiny_experiment(
+    "tiny_kl", model="{kind: physical, n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}",
+    training="{route: kl_only, batch_size: 16, iters_per_epoch: 2, kl_epochs: 3, warmup_epochs: 0, kl_lr_floor: 0.1}",
+    energy="{backend: torch}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +164,11 @@ def test_a_run_begun_before_routes_and_backends_resumes_once_it_asks_for_openmm(
 
 @pytest.mark.slow
 def test_the_nll_route_runs_on_the_openmm_backend_when_asked(tmp_path):
-    body = TINY_KL.replace("tiny_kl:", "tiny_openmm:").replace(
-        "model: {kind: physical, n_torsion_layers: 1", "model: {kind: spline, n_torsion_layers: 1").replace(
-        "training: {route: kl_only, batch_size: 16, iters_per_epoch: 2, kl_epochs: 3, warmup_epochs: 0,\n"
-        "             kl_lr_floor: 0.1}", "training: {batch_size: 16, iters_per_epoch: 2, nll_epochs: 1, mixed_epochs: 1}"
-    ).replace("energy: {backend: torch}", "energy: {backend: openmm, platform: Reference}")
+    body = tiny_experiment(
+        "tiny_openmm", model="{kind: spline, n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}",
+        training="{batch_size: 16, iters_per_epoch: 2, nll_epochs: 1, mixed_epochs: 1}",
+        energy="{backend: openmm, platform: Reference}",
+    )
     (tmp_path / "experiments.yaml").write_text(body)
     settings = run_settings(load_experiments(tmp_path / "experiments.yaml"), "tiny_openmm")
     summary = train_experiment(settings, tmp_path / "run", data_dir=tmp_path / "data", progress=False,

@@ -16,21 +16,13 @@ pytest.importorskip("openmmtools")
 
 from bgflow_gate.cli import main  # noqa: E402
 from bgflow_gate.systems.snapshot import SystemSnapshot, snapshot_path  # noqa: E402
+from tiny_runs import tiny_experiment  # noqa: E402
 
-TINY = """
-tiny:
-  device: cpu
-  E_cut: 500.0
-  E_max: 100000.0
-  data: {n_replicas: 3, t_max: 450.0, n_iterations: 60, steps_per_iteration: 20,
-         equilibration_iterations: 2, platform: Reference}
-  gate:
-    schedule: {type: three_stage, e_initial: 1.0e+10, hold_epochs: 1, warmup_epochs: 2}
-  model: {n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}
-  training: {batch_size: 16, iters_per_epoch: 2, nll_epochs: 2, mixed_epochs: 2, warmup_epochs: 1}
-  energy: {backend: torch}
-  evaluation: {n_samples: 64, bins: 20}
-"""
+TINY = tiny_experiment(
+    "tiny", model="{n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}",
+    training="{batch_size: 16, iters_per_epoch: 2, nll_epochs: 2, mixed_epochs: 2, warmup_epochs: 1}",
+    energy="{backend: torch}",
+)
 
 #: Runs ``bgflow-gate`` with openmm, openmmtools and mdtraj made unimportable.
 WITHOUT_OPENMM = ("import sys; sys.modules.update(openmm=None, openmmtools=None, mdtraj=None); "

@@ -16,21 +16,13 @@ from bgflow_gate.config import load_experiments, run_settings  # noqa: E402
 from bgflow_gate.pipeline import TRAINING_STAGES, RunError, train_experiment  # noqa: E402
 from bgflow_gate.report import PLOT_FILES, read_history  # noqa: E402
 from bgflow_gate import ProgressiveKLTrainer  # noqa: E402
+from tiny_runs import tiny_experiment  # noqa: E402
 
-TINY = """
-tiny:
-  device: cpu
-  E_cut: 500.0
-  E_max: 100000.0
-  data: {n_replicas: 3, t_max: 450.0, n_iterations: 60, steps_per_iteration: 20,
-         equilibration_iterations: 2, platform: Reference}
-  gate:
-    schedule: {type: three_stage, e_initial: 1.0e+10, hold_epochs: 1, warmup_epochs: 2}
-  model: {n_torsion_layers: 2, n_rest_layers: 2, hidden: 16, n_bins: 4, dtype: float64}
-  training: {batch_size: 16, iters_per_epoch: 2, nll_epochs: 3, mixed_epochs: 3, warmup_epochs: 1}
-  energy: {platform: Reference}
-  evaluation: {n_samples: 64, bins: 20}
-"""
+TINY = tiny_experiment(
+    "tiny", model="{n_torsion_layers: 2, n_rest_layers: 2, hidden: 16, n_bins: 4, dtype: float64}",
+    training="{batch_size: 16, iters_per_epoch: 2, nll_epochs: 3, mixed_epochs: 3, warmup_epochs: 1}",
+    energy="{platform: Reference}",
+)
 
 
 @pytest.fixture(scope="module")
