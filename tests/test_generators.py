@@ -20,13 +20,7 @@ N_REST = 3 + 3 + 2
 DIM = N_REST + 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The networks are tiny: on a busy machine, thread hand-offs cost far more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_flow(perturb: bool) -> tuple[ICSplineFlow, torch.Tensor, torch.Tensor]:
