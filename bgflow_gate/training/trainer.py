@@ -141,8 +141,8 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
 
     def _labels(self) -> list[str]:
         """The reporter's loss labels, one per value reported each iteration."""
-        return ([["KLL"], []][not self.train_energy] + [["NLL"], []][not self.train_likelihood]
-                + [["NLL(Test)"], []][not self.test_likelihood] + (["Custom"] if self.custom_loss else []))
+        flags = (self.train_energy, self.train_likelihood, self.test_likelihood, self.custom_loss is not None)
+        return [label for label, on in zip(("KLL", "NLL", "NLL(Test)", "Custom"), flags) if on]
 
     # -- epochs ------------------------------------------------------------------------
 
