@@ -54,7 +54,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, report
 }
 
 if [ "$DEVICE" = cuda ]; then
-    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024; EXPERIMENT_LIMIT=170
+    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024; EXPERIMENT_LIMIT=165
 else
     SIZES=256,1024; GATE_SIZES=256,4096; TRAIN_BATCH=256; EXPERIMENT_LIMIT=600
 fi
@@ -62,7 +62,7 @@ fi
 
 step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
 step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
-step bench_gate 45 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES"
+step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
 step bench_trainer 45 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2
 if [ -f "$CACHE/experiments.yaml" ]; then
     RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
