@@ -659,7 +659,8 @@ def _evaluate(ctx: RunContext, run: RunDirectory, log: Callable[[str], None]) ->
         m = metrics[stage]
         log(
             f"[evaluation] {stage}: {100 * m['below_e_cut']:.1f} % below E_cut, phi/psi KL {m['phi_psi_kl']:.3f}, "
-            f"ESS {m['ess_percent']:.3g} %, median energy {m['energy_median_kjmol']:.4g} kJ/mol"
+            f"ESS {m['ess_percent']:.3g} % (95 % interval {m['ess_percent_ci95'][0]:.3g}-{m['ess_percent_ci95'][1]:.3g}), "
+            f"median energy {m['energy_median_kjmol']:.4g} kJ/mol"
         )
     np.savez_compressed(run.evaluation, **arrays)
     return metrics
@@ -676,6 +677,7 @@ SUMMARY_GLOSSARY = {
     "effective_samples": "Kish's effective sample size of the importance weights exp(-u(x)) / q(x), in samples: "
                          "how many samples from the true distribution the weighted samples are worth",
     "ess_percent": "effective_samples as a percentage of the samples drawn",
+    "ess_percent_ci95": "a bootstrap 95 % interval of ess_percent (200 resamplings of the samples)",
     "basins_reweighted": "basin populations after importance reweighting; meaningful only when "
                          "reweighting_reliable is true",
     "delta_f_phi_kjmol": "F(phi > 0) - F(phi < 0) in kJ/mol; for a model: from its reweighted samples, meaningful "

@@ -169,3 +169,17 @@ def test_no_sample_at_positive_phi_gives_no_free_energy_difference(start):
     x = with_phi(start, [-150.0, -60.0, -90.0])
     m = sample_metrics(x, np.zeros(3), np.zeros(3), x, kt=KT, e_cut=500.0)
     assert m["delta_f_phi_kjmol"] is None
+
+
+def test_the_ess_interval_brackets_the_estimate_and_narrows_with_more_samples():
+    from bgflow_gate.systems.analysis import ess_percent_interval, kish_ess
+
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (2_000, 32_000):
+        log_w = rng.normal(0.0, 1.0, n)  # log-normal weights: ESS = exp(-1) = 36.8 % of n
+        lo, hi = ess_percent_interval(log_w)
+        assert lo < 100 * kish_ess(log_w) / n < hi
+        assert lo < 100 * math.exp(-1.0) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # 16x the samples: about a quarter of the width

@@ -15,6 +15,7 @@ __all__ = [
     "basin_fractions",
     "phi_psi_kl",
     "kish_ess",
+    "ess_percent_interval",
     "phi_free_energy_difference",
     "md_metrics",
     "sample_metrics",
@@ -60,6 +61,23 @@ def kish_ess(log_weights: np.ndarray) -> float:
     non-finite log weight (e.g. a failed energy) have weight zero."""
     w = _weights(log_weights)
     return float(w.sum() ** 2 / np.square(w).sum()) if w.any() else 0.0
+
+
+def ess_percent_interval(log_weights: np.ndarray, n_boot: int = 200, seed: int = 0) -> list[float]:
+    """A bootstrap 95 % interval of the Kish ESS in percent of the samples: the 2.5th and
+    97.5th percentiles over ``n_boot`` resamplings (with replacement) of the samples.
+
+    >>> ess_percent_interval(np.zeros(1000))
+    [100.0, 100.0]
+    """
+    w = _weights(log_weights)
+    n = len(w)
+    if n == 0 or not w.any():
+        return [0.0, 0.0]
+    picks = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    ws = w[picks]
+    ess = ws.sum(1) ** 2 / np.maximum(np.square(ws).sum(1), np.finfo(float).tiny)
+    return [float(100.0 * q / n) for q in np.percentile(ess, [2.5, 97.5])]
 
 
 def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: np.ndarray | None = None) -> float | None:
@@ -125,6 +143,7 @@ def sample_metrics(
         "phi_psi_kl": phi_psi_kl(x, reference, bins=bins),
         "effective_samples": ess,
         "ess_percent": 100.0 * ess / len(energies),
+        "ess_percent_ci95": ess_percent_interval(log_weights),
         "energy_median_kjmol": float(np.median(np.where(np.isfinite(energies), energies, np.inf))),
         "basins": basin_fractions(phi, psi),
         "basins_reweighted": reweighted,
