@@ -133,17 +133,16 @@ def sample_metrics(
     phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
     w = _weights(log_weights)
     ess = kish_ess(log_weights)
-    reweighted = {}
-    for name, test in BASINS.items():
-        inside = test(np.degrees(phi), np.degrees(psi))
-        reweighted[name] = float(w[inside].sum() / w.sum()) if w.sum() > 0 else math.nan
+    total = w.sum()
+    reweighted = {name: float(w[test(np.degrees(phi), np.degrees(psi))].sum() / total) if total > 0 else math.nan
+                  for name, test in BASINS.items()}
     return {
         "samples": int(len(energies)),
         "below_e_cut": float(np.mean(np.isfinite(energies) & (energies < e_cut))),
         "phi_psi_kl": phi_psi_kl(x, reference, bins=bins),
         "effective_samples": ess,
         "ess_percent": 100.0 * ess / len(energies),
-        "ess_percent_ci95": ess_percent_interval(log_weights),
+        "ess_percent_ci95": ess_percent_interval(log_weights),  # bootstrap 95 % interval
         "energy_median_kjmol": float(np.median(np.where(np.isfinite(energies), energies, np.inf))),
         "basins": basin_fractions(phi, psi),
         "basins_reweighted": reweighted,
