@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import bg
-from .guard import GuardedTarget, as_batch, guard_gradients
+from .guard import GuardedTarget, as_batch, check_coordinates, guard_gradients
 from .schedules import Schedule, as_schedule, schedule_from_dict
 from .stats import EnergyStatistics, GateReason, StatisticsWindows, describe_statistics
 from .targets import energy_unit, generator_target
@@ -260,7 +260,7 @@ class ScheduledEnergyGate(bg.Energy):
 
     def energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:
         """bgflow's ``Energy.energy``; inputs that are not coordinate batches are clear errors."""
-        as_batch(xs, self.event_shapes)
+        check_coordinates(xs, self.event_shapes)  # before bgflow's own checks, so once per call
         return super().energy(*xs, **kwargs)
 
     def _energy(self, *xs: torch.Tensor, **kwargs) -> torch.Tensor:

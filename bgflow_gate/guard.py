@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["GuardedTarget", "guard_gradients", "as_batch"]
+__all__ = ["GuardedTarget", "guard_gradients", "check_coordinates", "as_batch"]
 
 
 class _EveryFailure(Exception):
@@ -154,9 +154,8 @@ class GuardedTarget:
         return energy.to(device=xs[0].device, dtype=xs[0].dtype), None
 
 
-def as_batch(xs: Sequence[Any], event_shapes) -> tuple[list[torch.Tensor], torch.Size]:
-    """The inputs as ``[n, *event_shape]`` tensors, and the batch shape; clear errors for
-    anything else."""
+def check_coordinates(xs: Sequence[Any], event_shapes) -> None:
+    """A clear error for inputs that are not batches of coordinates of ``event_shapes``."""
     for x, shape in zip(xs, event_shapes):
         if not isinstance(x, torch.Tensor):
             raise TypeError(
@@ -169,6 +168,10 @@ def as_batch(xs: Sequence[Any], event_shapes) -> tuple[list[torch.Tensor], torch
                 f"coordinates must have shape [batch, {', '.join(map(str, shape))}], got {tuple(x.shape)}; "
                 f"a single configuration needs a batch dimension (x[None])"
             )
+
+
+def as_batch(xs: Sequence[torch.Tensor], event_shapes) -> tuple[list[torch.Tensor], torch.Size]:
+    """Checked coordinates as ``[n, *event_shape]`` tensors, and their batch shape."""
     first = xs[0]
     batch_shape = first.shape[: first.dim() - len(event_shapes[0])]
     return [x.reshape(-1, *shape) for x, shape in zip(xs, event_shapes)], batch_shape

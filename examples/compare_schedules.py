@@ -123,7 +123,7 @@ def physical_story(args) -> dict:
     target = system.energy(TEMPERATURE, platform_name="Reference")
     torch.manual_seed(args.seed)
     generator = physical_generator(system, target)
-    reference = torch.as_tensor(_md_frames(args), dtype=torch.float64)
+    reference = torch.as_tensor(_dataset(args).positions, dtype=torch.float64)
     trainer = ProgressiveKLTrainer(generator, torch.optim.Adam(generator.parameters(), lr=args.lr),
                                    train_likelihood=False, iters_per_epoch=args.iters_per_epoch, max_grad_norm=10.0)
     n_iter = args.epochs * args.iters_per_epoch
@@ -140,11 +140,12 @@ def physical_story(args) -> dict:
     return {"history": history, "metrics": metrics}
 
 
-def _md_frames(args) -> np.ndarray:
+def _dataset(args):
+    """The replica-exchange frames both stories use (from the cache after the first call)."""
     settings = ReplicaExchangeSettings(
         n_iterations=args.frames, steps_per_iteration=250, equilibration_iterations=40, platform="Reference"
     )
-    return generate_dataset(settings, args.data_dir).positions
+    return generate_dataset(settings, args.data_dir)
 
 
 def print_physical(result: dict) -> None:
@@ -183,10 +184,7 @@ def main(argv=None) -> dict:
         return result
 
     system = alanine_dipeptide("vacuum")
-    settings = ReplicaExchangeSettings(
-        n_iterations=args.frames, steps_per_iteration=250, equilibration_iterations=40, platform="Reference"
-    )
-    train, _ = (torch.as_tensor(a, dtype=torch.float32) for a in generate_dataset(settings, args.data_dir).split(0.2))
+    train, _ = (torch.as_tensor(a, dtype=torch.float32) for a in _dataset(args).split(0.2))
     torch.manual_seed(args.seed)
     generator, target = realnvp_generator(system, train, args.blocks, args.hidden, TEMPERATURE)
     initial = copy.deepcopy(generator.state_dict())
