@@ -314,6 +314,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "n_rest_layers": 4,
     "hidden": 128,
     "n_bins": 8,
+    "rest_spline_bins": 0,
     "dtype": "float32",
 }
 
@@ -331,6 +332,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "mixed_lr": 1e-4,
     "kl_epochs": 400,
     "kl_lr_floor": None,
+    "mixed_lr_floor": None,
+    "nll_patience": None,
     "w_likelihood": 0.9,
     "w_energy": 0.1,
     "skip_policy": "drop",
@@ -366,7 +369,7 @@ def _positive(value: Any, key: str, what: str) -> float:
 
 
 #: Settings that may be null (meaning: one pass over the data per epoch; no clipping).
-_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces", "kl_lr_floor")
+_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces", "kl_lr_floor", "mixed_lr_floor", "nll_patience")
 
 
 def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, where: str) -> dict[str, Any]:
@@ -381,6 +384,16 @@ def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, 
     return out
 
 
+def _rest_spline_bins(value: Any, key: str) -> int:
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    try:
+        return check_whole(value, key, 2)
+    except ValueError:
+        raise ValueError(f"{key} must be 0 (affine couplings only) or a number of spline bins >= 2, "
+                         f"got {value!r}") from None
+
+
 def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
     checks = {
         "kind": lambda v, k: _choice(v, k, MODEL_KINDS),
@@ -389,6 +402,7 @@ def _model(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
         "n_rest_layers": lambda v, k: check_whole(v, k, 1),
         "hidden": lambda v, k: check_whole(v, k, 1),
         "n_bins": lambda v, k: check_whole(v, k, 1),
+        "rest_spline_bins": lambda v, k: _rest_spline_bins(v, k),
         "dtype": lambda v, k: _choice(v, k, _DTYPES),
     }
     return _checked(section, MODEL_DEFAULTS, checks, prefix, where)
@@ -413,6 +427,8 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
         "mixed_epochs": lambda v, k: check_whole(v, k, 1),
         "kl_epochs": lambda v, k: check_whole(v, k, 1),
         "kl_lr_floor": lambda v, k: _floor(v, k),
+        "mixed_lr_floor": lambda v, k: _floor(v, k),
+        "nll_patience": lambda v, k: check_whole(v, k, 1),
         "w_likelihood": check_fraction,
         "w_energy": check_fraction,
         "skip_policy": lambda v, k: _choice(v, k, tuple(SKIP_POLICIES)),

@@ -23,15 +23,15 @@ DIM = N_REST + 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_flow(perturb: bool) -> tuple[ICSplineFlow, torch.Tensor, torch.Tensor]:
+def make_flow(perturb: bool, rest_spline_bins: int = 0, size: float = 0.05) -> tuple[ICSplineFlow, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     mean = torch.randn(N_REST, dtype=torch.float64)
     std = 0.5 + torch.rand(N_REST, dtype=torch.float64)
-    flow = ICSplineFlow(SIZES, mean, std, hidden=16).double()
+    flow = ICSplineFlow(SIZES, mean, std, hidden=16, rest_spline_bins=rest_spline_bins).double()
     if perturb:
         with torch.no_grad():
             for p in flow.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(size * torch.randn_like(p))
     return flow, mean, std
 
 
@@ -65,6 +65,34 @@ def test_forward_log_det_equals_slogdet_of_the_autograd_jacobian():
     assert jac.shape == (DIM, DIM)
     *_, dlogp = flow(z[None])
     assert dlogp.item() == pytest.approx(torch.slogdet(jac).logabsdet.item(), abs=1e-8)
+
+
+@pytest.mark.parametrize("bins", [4, 8])
+def test_with_rest_splines_the_flow_inverts_and_its_log_det_is_the_jacobians(bins):
+    flow, _, _ = make_flow(perturb=True, rest_spline_bins=bins, size=0.2)
+    z = latent(64)
+    *outputs, dlogp = flow(z)
+    back, dlogp_inverse = flow(*outputs, inverse=True)
+    assert (back - z).abs().max().item() < 1e-9 and (dlogp + dlogp_inverse).abs().max().item() < 1e-9
+    v = latent(1, seed=2)[0]
+    jac = torch.autograd.functional.jacobian(lambda u: torch.cat(flow(u[None])[:-1], dim=-1)[0], v)
+    assert flow(v[None])[-1].item() == pytest.approx(torch.slogdet(jac).logabsdet.item(), abs=1e-8)
+
+
+def test_rest_splines_start_as_the_identity_and_change_the_affine_flow_once_trained():
+    plain, _, _ = make_flow(perturb=False)
+    splined, _, _ = make_flow(perturb=False, rest_spline_bins=6)
+    z = latent(32)
+    for a, b in zip(plain(z), splined(z)):
+        assert torch.allclose(a, b, atol=1e-12)
+    moved, _, _ = make_flow(perturb=True, rest_spline_bins=6, size=0.3)
+    assert not torch.allclose(moved(z)[0], plain(z)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("bins", [1, -1, 2.5])
+def test_rest_spline_bins_must_be_zero_or_at_least_two(bins):
+    with pytest.raises(ValueError, match="rest_spline_bins must be 0"):
+        ICSplineFlow(SIZES, torch.zeros(N_REST), torch.ones(N_REST), rest_spline_bins=bins)
 
 
 def test_a_fresh_flow_is_affine_on_bonds_angles_fixed_and_the_normal_cdf_on_torsions():

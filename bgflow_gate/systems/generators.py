@@ -9,7 +9,9 @@ transform (bonds, angles, torsions, whitened rigid block) in two parts, ``p(T) p
    ``sin`` of the other half, so the conditioner sees the torus without a seam.
 2. The rest ``R`` (bonds, angles, rigid block, standardised with the training data's mean
    and spread): affine couplings conditioned on the torsions' features and on the other
-   half of ``R``.
+   half of ``R``; with ``rest_spline_bins``, each affine map is followed by a monotonic
+   rational-quadratic spline on ``[-5, 5]`` (identity outside) from the same conditioner,
+   so the conditional densities of ``R`` need not be normal.
 
 The final layer hands ``(bonds, angles, torsions, fixed)`` to the inverse of
 :class:`MixedCoordinateTransformation`, so the generator's samples are Cartesian (nm).
@@ -23,6 +25,7 @@ import math
 from typing import Sequence
 
 import torch
+from zuko.transforms import MonotonicRQSTransform
 
 from .. import bg
 
@@ -78,7 +81,14 @@ class ICSplineFlow(bg.Flow):
         Width of the two hidden layers of every conditioner.
     n_bins : int
         Bins of every spline.
+    rest_spline_bins : int
+        0: the couplings of ``R`` are affine. ``K > 0``: each is affine followed by a
+        ``K``-bin monotonic spline on ``[-REST_BOUND, REST_BOUND]``, identity outside
+        (zuko's ``MonotonicRQSTransform``), starting as the identity.
     """
+
+    #: Half-width of the interval the splines of ``R`` act on (identity beyond it).
+    REST_BOUND = 5.0
 
     def __init__(
         self,
@@ -89,9 +99,13 @@ class ICSplineFlow(bg.Flow):
         n_rest_layers: int = 4,
         hidden: int = 128,
         n_bins: int = 8,
+        rest_spline_bins: int = 0,
     ):
         super().__init__()
         n_bonds, n_angles, n_torsions, n_fixed = (int(s) for s in sizes)
+        if not isinstance(rest_spline_bins, int) or rest_spline_bins < 0 or rest_spline_bins == 1:
+            raise ValueError(f"rest_spline_bins must be 0 (affine only) or a number of bins >= 2, got {rest_spline_bins!r}")
+        self.rest_spline_bins = rest_spline_bins
         self.sizes = (n_bonds, n_angles, n_torsions, n_fixed)
         self.n_rest = n_bonds + n_angles + n_fixed
         if mean.shape != (self.n_rest,) or std.shape != (self.n_rest,):
@@ -115,13 +129,21 @@ class ICSplineFlow(bg.Flow):
         for i in range(n_rest_layers):
             cond, moved = _halves(self.n_rest, i % 2)
             self._rest_split.append((cond, moved))
-            self.rest_nets.append(_mlp(2 * n_torsions + len(cond), 2 * len(moved), hidden))
+            per_moved = 2 + (3 * rest_spline_bins - 1 if rest_spline_bins else 0)
+            self.rest_nets.append(_mlp(2 * n_torsions + len(cond), per_moved * len(moved), hidden))
 
-    def _rest_shift_scale(self, i: int, r: torch.Tensor, features: torch.Tensor):
+    def _rest_coupling(self, i: int, r: torch.Tensor, features: torch.Tensor):
+        """Layer ``i`` of ``R``: the moved indices, shift, log-scale (kept in (-2, 2)) and the
+        spline after the affine map (``None`` without ``rest_spline_bins``)."""
         cond, moved = self._rest_split[i]
         out = self.rest_nets[i](torch.cat([features, r[:, cond]], dim=-1))
-        shift, raw = out.chunk(2, dim=-1)
-        return moved, shift, 2.0 * torch.tanh(raw / 2.0)  # log-scale kept in (-2, 2) per layer
+        out = out.view(out.shape[0], len(moved), -1)
+        shift, raw = out[..., 0], out[..., 1]
+        spline, k = None, self.rest_spline_bins
+        if k:
+            spline = MonotonicRQSTransform(out[..., 2:2 + k], out[..., 2 + k:2 + 2 * k], out[..., 2 + 2 * k:],
+                                           bound=self.REST_BOUND)
+        return moved, shift, 2.0 * torch.tanh(raw / 2.0), spline
 
     def _forward(self, z: torch.Tensor, **kwargs):
         n_bonds, n_angles, n_torsions, n_fixed = self.sizes
@@ -135,9 +157,13 @@ class ICSplineFlow(bg.Flow):
             dlogp = dlogp + ld.sum(-1, keepdim=True)
         features = self.features(t)
         for i in range(len(self.rest_nets)):
-            moved, shift, log_scale = self._rest_shift_scale(i, r, features)
-            r = r.index_copy(1, moved.to(r.device), r[:, moved] * log_scale.exp() + shift)
+            moved, shift, log_scale, spline = self._rest_coupling(i, r, features)
+            y = r[:, moved] * log_scale.exp() + shift
             dlogp = dlogp + log_scale.sum(-1, keepdim=True)
+            if spline is not None:
+                y, ladj = spline.call_and_ladj(y)
+                dlogp = dlogp + ladj.sum(-1, keepdim=True)
+            r = r.index_copy(1, moved.to(r.device), y)
         r = self.mean + r * self.log_std.exp()
         dlogp = dlogp + self.log_std.sum()
         bonds, angles, fixed = r.split([n_bonds, n_angles, n_fixed], dim=-1)
@@ -149,8 +175,12 @@ class ICSplineFlow(bg.Flow):
         dlogp = (-self.log_std.sum()).expand(r.shape[0], 1)
         features = self.features(t)
         for i in reversed(range(len(self.rest_nets))):
-            moved, shift, log_scale = self._rest_shift_scale(i, r, features)
-            r = r.index_copy(1, moved.to(r.device), (r[:, moved] - shift) * (-log_scale).exp())
+            moved, shift, log_scale, spline = self._rest_coupling(i, r, features)
+            y = r[:, moved]
+            if spline is not None:
+                y = spline.inv(y)
+                dlogp = dlogp - spline.call_and_ladj(y)[1].sum(-1, keepdim=True)
+            r = r.index_copy(1, moved.to(r.device), (y - shift) * (-log_scale).exp())
             dlogp = dlogp - log_scale.sum(-1, keepdim=True)
         for (cond, moved), spline in reversed(list(zip(self._torsion_split, self.splines))):
             y, ld = spline(self.features(t[:, cond]), t[:, moved], inverse=True)
@@ -170,6 +200,7 @@ def spline_generator(
     n_rest_layers: int = 4,
     hidden: int = 128,
     n_bins: int = 8,
+    rest_spline_bins: int = 0,
 ):
     """A Boltzmann generator for alanine dipeptide: normal prior, :class:`ICSplineFlow`,
     the inverse of the mixed internal-coordinate transform fitted on ``data``.
@@ -183,7 +214,7 @@ def spline_generator(
         scale of bonds and angles.
     target : Energy
         The generator's target energy (e.g. ``system.energy()``, in kT).
-    n_torsion_layers, n_rest_layers, hidden, n_bins
+    n_torsion_layers, n_rest_layers, hidden, n_bins, rest_spline_bins
         See :class:`ICSplineFlow`.
     """
     data = torch.as_tensor(data)
@@ -197,6 +228,7 @@ def spline_generator(
     flow = ICSplineFlow(
         sizes, rest.mean(0), rest.std(0).clamp(min=1e-4),
         n_torsion_layers=n_torsion_layers, n_rest_layers=n_rest_layers, hidden=hidden, n_bins=n_bins,
+        rest_spline_bins=rest_spline_bins,
     )
     dim = sum(sizes)
     prior = bg.NormalDistribution(dim, mean=torch.zeros(dim, dtype=data.dtype))

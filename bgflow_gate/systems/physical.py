@@ -294,6 +294,7 @@ def physical_generator(
     system, target, rotors: Iterable[str] = ALL_ROTORS, z_matrix: np.ndarray | None = None,
     positions: np.ndarray | None = None, spreads: Spreads = Spreads(), n_torsion_layers: int = 4,
     n_rest_layers: int = 4, hidden: int = 128, n_bins: int = 8, dtype: torch.dtype = torch.float32,
+    rest_spline_bins: int = 0,
 ):
     """A Boltzmann generator for alanine dipeptide that needs no MD data.
 
@@ -312,7 +313,7 @@ def physical_generator(
         :func:`minimized_positions`.
     spreads : Spreads
         The untrained flow's spreads.
-    n_torsion_layers, n_rest_layers, hidden, n_bins
+    n_torsion_layers, n_rest_layers, hidden, n_bins, rest_spline_bins
         See :class:`~bgflow_gate.systems.generators.ICSplineFlow`.
     dtype : torch.dtype
         Of the flow's parameters and samples.
@@ -331,7 +332,7 @@ def physical_generator(
     mean, std, other_mean = _physical_scale(ic, positions, mask, spreads)
     sizes = (ic.dim_bonds, ic.dim_angles, int(mask.sum()), int((~mask).sum()))
     flow = ICSplineFlow(sizes, mean, std, n_torsion_layers=n_torsion_layers, n_rest_layers=n_rest_layers,
-                        hidden=hidden, n_bins=n_bins)
+                        hidden=hidden, n_bins=n_bins, rest_spline_bins=rest_spline_bins)
     flow = bg.SequentialFlow([flow, TorsionLayout(mask, other_mean), bg.InverseFlow(ic)]).to(dtype)
     prior = bg.NormalDistribution(sum(sizes), mean=torch.zeros(sum(sizes), dtype=dtype))
     return bg.BoltzmannGenerator(prior, flow, target)

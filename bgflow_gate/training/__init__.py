@@ -12,10 +12,12 @@ module             what it holds
 ``warmup``         :class:`LinearWarmup` of the learning rate
 ``checkpoint``     checkpoint files and random states
 ``batches``        :class:`TensorBatches`: resumable batches of tensor data
+``early_stopping`` :class:`EarlyStopping` on held-out NLL (an epoch callback)
 =================  ====================================================================
 """
 
 from .batches import TensorBatches
+from .early_stopping import EarlyStopping
 from .ledger import HISTORY_KEYS, EpochRecord, write_history
 from .monitor import HealthMonitor, TrainingHealthWarning
 from .policies import SKIP_POLICIES, SkipPolicy
@@ -36,4 +38,5 @@ __all__ = [
     "StepOutcome",
     "clip_gradient",
     "TensorBatches",
+    "EarlyStopping",
 ]

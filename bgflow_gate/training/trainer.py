@@ -191,7 +191,8 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
         epoch_schedulers : sequence
             Learning-rate schedulers stepped once at the end of every epoch.
         on_epoch_end : callable or sequence of callables
-            Called as ``fn(trainer, record)`` after every finished epoch.
+            Called as ``fn(trainer, record)`` after every finished epoch; training stops
+            there when one returns ``False`` (e.g. :class:`~bgflow_gate.training.EarlyStopping`).
         """
         if (n_iter is None) == (n_epochs is None):
             raise ValueError("give exactly one of n_iter and n_epochs")
@@ -208,8 +209,8 @@ class ProgressiveKLTrainer(Resumable, bg.KLTrainer):
             if self.iteration % ipe == 0:
                 record = self._end_epoch(ipe, epoch_schedulers)
                 self._announce(record, bar, n_print)
-                for callback in callbacks:
-                    callback(self, record)
+                if False in [callback(self, record) for callback in callbacks]:
+                    break
         return self.history
 
     def _prepare(self, data, testdata):
