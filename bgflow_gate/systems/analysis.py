@@ -15,20 +15,31 @@ __all__ = [
     "basin_fractions",
     "phi_psi_kl",
     "kish_ess",
+    "importance_weights",
     "ess_percent_interval",
     "phi_free_energy_difference",
+    "delta_f_bootstrap",
+    "delta_f_time_series_error",
+    "energy_wasserstein",
+    "fraction_beyond_percentile",
     "md_metrics",
     "sample_metrics",
     "statistical_inefficiency",
     "validate_dataset",
     "format_validation",
     "RELIABLE_EFFECTIVE_SAMPLES",
+    "TAIL_PERCENTILE",
 ]
 
 #: Effective samples (Kish) from which on reweighted quantities are reported as meaningful:
 #: a reweighted fraction p then has a standard error of about sqrt(p (1 - p) / 100) <= 5
 #: points, and the phi free-energy difference one of about kT / sqrt(100 p (1 - p)).
 RELIABLE_EFFECTIVE_SAMPLES = 100
+
+#: The MD energy percentile whose exceedance by model samples is reported
+#: (``beyond_md_energy_p999``): a model that samples the Boltzmann distribution puts 0.1 % of
+#: its samples above it.
+TAIL_PERCENTILE = 99.9
 
 #: Basins of the phi/psi plane (degrees): phi < 0 splits at phi = -120 into C5/beta (extended)
 #: and C7eq/alpha_R; phi > 0 holds C7ax/alpha_L.
@@ -54,6 +65,12 @@ def _weights(log_weights: np.ndarray) -> np.ndarray:
     if finite.any():
         w[finite] = np.exp(lw[finite] - lw[finite].max())
     return w
+
+
+def importance_weights(log_weights: np.ndarray) -> np.ndarray:
+    """Importance weights from log weights, the largest scaled to 1; a non-finite log weight
+    gives weight zero."""
+    return _weights(log_weights)
 
 
 def kish_ess(log_weights: np.ndarray) -> float:
@@ -90,18 +107,179 @@ def phi_free_energy_difference(phi: np.ndarray, kt: float, weights: np.ndarray |
     return float(-kt * math.log(positive / negative))
 
 
-def md_metrics(phi: np.ndarray, psi: np.ndarray, kt: float) -> dict[str, Any]:
-    """Basin populations and the phi free-energy difference (kJ/mol for ``kt`` in kJ/mol) of MD frames."""
-    return {
+def _finite(value: float) -> float | None:
+    """``value`` as a float, ``None`` when it is not finite (``summary.json`` holds no NaN)."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def delta_f_bootstrap(
+    phi: np.ndarray, kt: float, weights: np.ndarray | None = None, n_boot: int = 200, seed: int = 0,
+) -> dict[str, Any]:
+    """Bootstrap error bar of :func:`phi_free_energy_difference` over independent samples.
+
+    Parameters
+    ----------
+    phi : numpy.ndarray
+        Phi angles (radians) of independent samples (a generator's; MD frames are correlated:
+        use :func:`delta_f_time_series_error`).
+    kt : float
+        kT; the result is in its unit.
+    weights : numpy.ndarray, optional
+        Importance weights (default: all equal).
+    n_boot : int
+        Resamplings with replacement of the samples (weights travel with their samples).
+    seed : int
+        Seeds the resampling.
+
+    Returns
+    -------
+    dict
+        ``ci95``: the 2.5th and 97.5th percentiles of the resampled ΔF (the 6th smallest and
+        6th largest of 200), an end ``None`` where a resampling left one side of phi = 0
+        without weight (ΔF unbounded); ``standard_error``: the standard deviation of the
+        resampled ΔF (``None`` if any was unbounded). Both ``None`` without samples.
+    """
+    phi = np.asarray(phi, dtype=float)
+    w = np.ones_like(phi) if weights is None else np.nan_to_num(np.asarray(weights, dtype=float))
+    n = len(phi)
+    if n == 0 or not w.any():
+        return {"ci95": [None, None], "standard_error": None}
+    positive = np.where(phi >= 0, w, 0.0)
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        pos, tot = counts @ positive, counts @ w
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values[b] = -kt * np.log(pos / (tot - pos)) if tot > 0 else np.nan
+    values = np.sort(np.where(np.isnan(values), np.inf, values))
+    k = int(math.floor(0.025 * n_boot))
+    se = float(np.std(values, ddof=1)) if np.isfinite(values).all() and n_boot > 1 else None
+    return {"ci95": [_finite(values[k]), _finite(values[n_boot - 1 - k])], "standard_error": se}
+
+
+def delta_f_time_series_error(phi: np.ndarray, kt: float) -> dict[str, Any]:
+    """ΔF(phi > 0 - phi < 0) of a time series of frames with an error bar that counts its
+    time correlation.
+
+    The fraction p of frames at phi >= 0 has the standard error ``sqrt(p (1 - p) g / N)``,
+    ``g`` the :func:`statistical_inefficiency` of the indicator series ``phi >= 0``; ΔF =
+    -kT ln(p / (1 - p)) then has ``kT / sqrt(p (1 - p) N / g)`` (first order).
+
+    Parameters
+    ----------
+    phi : numpy.ndarray
+        Phi angles (radians) in time order.
+    kt : float
+        kT; the result is in its unit.
+
+    Returns
+    -------
+    dict
+        ``delta_f``, ``standard_error``, ``ci95`` (``delta_f`` -+ 1.96 standard errors),
+        ``statistical_inefficiency`` (g) and ``independent_frames`` (N / g); ΔF and its
+        error bar ``None`` when one side holds no frame.
+    """
+    phi = np.asarray(phi, dtype=float)
+    inside = (phi >= 0).astype(float)
+    g = statistical_inefficiency(inside) if len(phi) else 1.0
+    n_eff = len(phi) / g
+    delta_f = phi_free_energy_difference(phi, kt) if len(phi) else None
+    out = {"delta_f": delta_f, "standard_error": None, "ci95": [None, None],
+           "statistical_inefficiency": float(g), "independent_frames": float(n_eff)}
+    if delta_f is not None:
+        p = inside.mean()
+        se = kt / math.sqrt(p * (1 - p) * n_eff)
+        out.update(standard_error=se, ci95=[delta_f - 1.96 * se, delta_f + 1.96 * se])
+    return out
+
+
+def energy_wasserstein(
+    u: np.ndarray, v: np.ndarray, u_weights: np.ndarray | None = None, v_weights: np.ndarray | None = None,
+) -> float | None:
+    """The 1-D Wasserstein (earth mover's) distance between two weighted samples,
+    ``integral |F_u(x) - F_v(x)| dx`` of their weighted empirical CDFs (in the unit of the
+    values; equal to ``scipy.stats.wasserstein_distance``).
+
+    Values that are not finite, and values of zero weight, are left out (a failed energy has
+    weight zero after reweighting); ``None`` when either side has nothing left.
+
+    >>> energy_wasserstein(np.array([0.0, 1.0]), np.array([2.0]))
+    1.5
+    """
+    def clean(values, weights):
+        values = np.asarray(values, dtype=float)
+        weights = np.ones_like(values) if weights is None else np.nan_to_num(np.asarray(weights, dtype=float))
+        keep = np.isfinite(values) & (weights > 0)
+        order = np.argsort(values[keep])
+        return values[keep][order], np.concatenate([[0.0], np.cumsum(weights[keep][order])])
+
+    (us, ucum), (vs, vcum) = clean(u, u_weights), clean(v, v_weights)
+    if len(us) == 0 or len(vs) == 0:
+        return None
+    grid = np.sort(np.concatenate([us, vs]))
+    f_u = ucum[np.searchsorted(us, grid[:-1], "right")] / ucum[-1]
+    f_v = vcum[np.searchsorted(vs, grid[:-1], "right")] / vcum[-1]
+    return float(np.sum(np.abs(f_u - f_v) * np.diff(grid)))
+
+
+def fraction_beyond_percentile(values: np.ndarray, reference: np.ndarray, percentile: float = TAIL_PERCENTILE) -> float | None:
+    """Fraction of ``values`` (unweighted) above the ``percentile``-th percentile of the finite
+    ``reference`` values; a non-finite value counts as beyond. ``None`` without a finite
+    reference value.
+
+    >>> fraction_beyond_percentile(np.array([1.0, 5.0, np.nan, 0.0]), np.arange(5.0), 50.0)
+    0.5
+    """
+    reference = np.asarray(reference, dtype=float)
+    reference = reference[np.isfinite(reference)]
+    if len(reference) == 0:
+        return None
+    threshold = np.percentile(reference, percentile)
+    return float(np.mean(~(np.asarray(values, dtype=float) <= threshold)))
+
+
+def md_metrics(phi: np.ndarray, psi: np.ndarray, kt: float, energies: np.ndarray | None = None) -> dict[str, Any]:
+    """Basin populations and the phi free-energy difference of MD frames, with an error bar
+    that counts their time correlation (:func:`delta_f_time_series_error`).
+
+    Parameters
+    ----------
+    phi, psi : numpy.ndarray
+        Angles (radians) of the frames, in time order.
+    kt : float
+        kT in kJ/mol.
+    energies : numpy.ndarray, optional
+        The frames' energies in kJ/mol: adds their mean and their
+        :data:`TAIL_PERCENTILE`-th percentile.
+
+    Returns
+    -------
+    dict
+        ``frames``, ``basins``, ``delta_f_phi_kjmol``, ``delta_f_phi_se_kjmol``,
+        ``delta_f_phi_ci95_kjmol``, ``phi_sign_statistical_inefficiency``; with ``energies``
+        also ``energy_mean_kjmol`` and ``energy_p999_kjmol``.
+    """
+    err = delta_f_time_series_error(phi, kt)
+    out = {
         "frames": int(len(phi)),
         "basins": basin_fractions(phi, psi),
-        "delta_f_phi_kjmol": phi_free_energy_difference(phi, kt),
+        "delta_f_phi_kjmol": err["delta_f"],
+        "delta_f_phi_se_kjmol": err["standard_error"],
+        "delta_f_phi_ci95_kjmol": err["ci95"],
+        "phi_sign_statistical_inefficiency": err["statistical_inefficiency"],
     }
+    if energies is not None:
+        e = np.asarray(energies, dtype=float)
+        e = e[np.isfinite(e)]
+        out["energy_mean_kjmol"] = _finite(e.mean()) if len(e) else None
+        out["energy_p999_kjmol"] = _finite(np.percentile(e, TAIL_PERCENTILE)) if len(e) else None
+    return out
 
 
 def sample_metrics(
     x: torch.Tensor, energies: np.ndarray, log_weights: np.ndarray, reference: torch.Tensor, *,
-    kt: float, e_cut: float, bins: int = 60,
+    kt: float, e_cut: float, bins: int = 60, reference_energies: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The metrics of generator samples ``x`` against MD frames ``reference``.
 
@@ -119,35 +297,60 @@ def sample_metrics(
         kT in kJ/mol at the target's temperature.
     e_cut : float
         The soft-cut energy in kJ/mol.
+    bins : int
+        Histogram bins per angle (``phi_psi_kl``).
+    reference_energies : numpy.ndarray, optional
+        The MD frames' energies in kJ/mol; without them the two energy distances are ``None``.
 
     Returns
     -------
     dict
-        ``samples``, ``below_e_cut`` (fraction, non-finite energies count as above),
-        ``phi_psi_kl`` (see :func:`phi_psi_kl`), ``effective_samples`` (Kish's ESS, in
-        samples) and ``ess_percent`` (of ``samples``), ``energy_median_kjmol``, ``basins``,
-        ``basins_reweighted``, ``delta_f_phi_kjmol`` (reweighted; ``None`` if a side is empty),
+        ``samples``; ``energy_wasserstein_kjmol`` (:func:`energy_wasserstein` of the reweighted
+        energies to MD's), ``beyond_md_energy_p999`` (unweighted fraction above MD's 99.9th
+        energy percentile; MD itself: 0.001), ``below_e_cut`` (non-finite energies count as
+        above), ``energy_median_kjmol``; ``phi_psi_kl``; ``effective_samples`` (Kish),
+        ``ess_percent`` (of ``samples``), ``ess_percent_ci95`` (bootstrap); ``basins``,
+        ``basins_reweighted``; ``delta_f_phi_kjmol`` (reweighted; ``None`` if a side is empty)
+        with ``delta_f_phi_ci95_kjmol`` and ``delta_f_phi_se_kjmol`` (:func:`delta_f_bootstrap`);
         ``reweighting_reliable`` (at least :data:`RELIABLE_EFFECTIVE_SAMPLES` effective samples).
     """
-    energies = np.asarray(energies, dtype=float)
     phi, psi = (a.numpy() for a in phi_psi(x.detach().double()))
-    w = _weights(log_weights)
-    ess = kish_ess(log_weights)
-    total = w.sum()
-    reweighted = {name: float(w[test(np.degrees(phi), np.degrees(psi))].sum() / total) if total > 0 else math.nan
-                  for name, test in BASINS.items()}
+    w, ess = _weights(log_weights), kish_ess(log_weights)
     return {
         "samples": int(len(energies)),
-        "below_e_cut": float(np.mean(np.isfinite(energies) & (energies < e_cut))),
+        **_energy_metrics(energies, w, reference_energies, e_cut),
         "phi_psi_kl": phi_psi_kl(x, reference, bins=bins),
         "effective_samples": ess,
         "ess_percent": 100.0 * ess / len(energies),
         "ess_percent_ci95": ess_percent_interval(log_weights),  # bootstrap 95 % interval
-        "energy_median_kjmol": float(np.median(np.where(np.isfinite(energies), energies, np.inf))),
         "basins": basin_fractions(phi, psi),
-        "basins_reweighted": reweighted,
-        "delta_f_phi_kjmol": phi_free_energy_difference(phi, kt, w),
+        **_reweighted(phi, psi, w, kt),
         "reweighting_reliable": bool(ess >= RELIABLE_EFFECTIVE_SAMPLES),
+    }
+
+
+def _energy_metrics(energies: np.ndarray, w: np.ndarray, reference: np.ndarray | None, e_cut: float) -> dict[str, Any]:
+    """The energy entries of :func:`sample_metrics`."""
+    energies, has_ref = np.asarray(energies, dtype=float), reference is not None
+    return {
+        "energy_wasserstein_kjmol": energy_wasserstein(energies, reference, u_weights=w) if has_ref else None,
+        "beyond_md_energy_p999": fraction_beyond_percentile(energies, reference) if has_ref else None,
+        "below_e_cut": float(np.mean(np.isfinite(energies) & (energies < e_cut))),
+        "energy_median_kjmol": float(np.median(np.where(np.isfinite(energies), energies, np.inf))),
+    }
+
+
+def _reweighted(phi: np.ndarray, psi: np.ndarray, w: np.ndarray, kt: float) -> dict[str, Any]:
+    """The reweighted entries of :func:`sample_metrics`: basins and ΔF with its bootstrap."""
+    total = w.sum()
+    basins = {name: float(w[test(np.degrees(phi), np.degrees(psi))].sum() / total) if total > 0 else math.nan
+              for name, test in BASINS.items()}
+    boot = delta_f_bootstrap(phi, kt, w)
+    return {
+        "basins_reweighted": basins,
+        "delta_f_phi_kjmol": phi_free_energy_difference(phi, kt, w),
+        "delta_f_phi_ci95_kjmol": boot["ci95"],
+        "delta_f_phi_se_kjmol": boot["standard_error"],
     }
 
 
