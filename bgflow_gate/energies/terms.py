@@ -1,103 +1,91 @@
-"""The energy terms of an OpenMM system as batched tensor functions (kJ/mol, nm, radians).
+"""The energy terms of an OpenMM system as batched tensor functions with analytic gradients.
 
-Every function takes difference vectors as their components ``(x, y, z)``, each
-``[batch, n]`` (one column per bond, angle leg, torsion leg or atom pair, as
-:class:`~bgflow_gate.energies.layout.Layout` makes them) and per-term parameters shaped
-``[n]``, and returns the term's energy per sample, ``[batch]``. The formulas are OpenMM's:
+Every function takes difference vectors ``[3, batch, n]`` (x, y, z first; one column per
+bond, angle leg, torsion leg or atom pair, as :class:`~bgflow_gate.energies.layout.Layout`
+makes them) and per-term parameters shaped ``[n]``, and returns the term's energy per sample,
+``[batch]`` (kJ/mol), with its gradient with respect to each vector argument (same shapes as
+the vectors). The formulas are OpenMM's:
 
 * ``HarmonicBondForce``: ``k / 2 (r - r0)^2``;
 * ``HarmonicAngleForce``: ``k / 2 (theta - theta0)^2``;
 * ``PeriodicTorsionForce``: ``k (1 + cos(n phi - phase))``;
 * ``NonbondedForce`` without cutoff: ``4 eps ((sigma/r)^12 - (sigma/r)^6) + qq / r``
-  (``qq`` already holds Coulomb's constant);
-* the OBC generalized-Born model of ``GBSAOBC1Force`` / ``GBSAOBC2Force``
-  (:func:`obc_energy`).
+  (``qq`` already holds Coulomb's constant), :func:`~.radial.nonbonded_with_slope`;
+* the OBC generalized-Born model of ``GBSAOBC1Force`` / ``GBSAOBC2Force`` (:mod:`.obc`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .radial import descreening, gb_pair_sum, nonbonded_sum
-
-__all__ = ["bond_energy", "angle_energy", "torsion_energy", "pair_energy", "obc_energy"]
-
-Vectors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+__all__ = ["bond_energy", "angle_energy", "torsion_energy"]
 
 
-def _dot(a: Vectors, b: Vectors) -> torch.Tensor:
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(0)
 
 
-def _cross(a: Vectors, b: Vectors) -> Vectors:
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a x b`` of vectors ``[3, ...]`` (``torch.linalg.cross`` along dim 0 is slower on the CPU)."""
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+    torch.mul(a[1], b[2], out=out[0]).addcmul_(a[2], b[1], value=-1)
+    torch.mul(a[2], b[0], out=out[1]).addcmul_(a[0], b[2], value=-1)
+    torch.mul(a[0], b[1], out=out[2]).addcmul_(a[1], b[0], value=-1)
+    return out
 
 
-def bond_energy(v: Vectors, length: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Harmonic bonds: ``sum k / 2 (|v| - length)^2`` over the columns of ``v``."""
-    stretch = _dot(v, v).sqrt() - length
-    return (stretch * stretch) @ (0.5 * k)
+def bond_energy(v: torch.Tensor, length: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Harmonic bonds ``sum k / 2 (|v| - length)^2``; the gradient with respect to ``v`` goes to ``out``."""
+    r = _dot(v, v).sqrt_()
+    stretch = r - length
+    energy = (stretch * stretch) @ (0.5 * k)
+    torch.mul(v, stretch.mul_(k).div_(r), out=out)
+    return energy
 
 
-def angle_energy(a: Vectors, b: Vectors, theta0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Harmonic angles between the legs ``a`` (atom 1 to 0) and ``b`` (atom 1 to 2)."""
+def angle_energy(legs: torch.Tensor, theta0: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Harmonic angles between the legs ``a`` (atom 1 to 0) and ``b`` (atom 1 to 2), given as
+    ``legs = [a | b]`` ``[3, batch, 2 n]``; the gradient with respect to ``legs`` goes to ``out``.
+
+    ``theta = atan2(|a x b|, a . b)``; ``dtheta/da = (a.b a / |a|^2 - b) / |a x b|``.
+    """
+    n = legs.shape[-1] // 2
+    a, b = legs[..., :n], legs[..., n:]
     normal = _cross(a, b)
-    theta = torch.atan2(_dot(normal, normal).sqrt(), _dot(a, b))
-    bend = theta - theta0
-    return (bend * bend) @ (0.5 * k)
+    sine = _dot(normal, normal).sqrt_()
+    cosine = _dot(a, b)
+    bend = torch.atan2(sine, cosine).sub_(theta0)
+    energy = (bend * bend) @ (0.5 * k)
+    scale = bend.mul_(k).div_(sine)  # dE/dtheta / |a x b|
+    # [a | b] * (scale a.b / [|a|^2 | |b|^2]) - [b | a] * scale
+    torch.mul(legs, (scale * cosine).repeat(1, 2).div_(_dot(legs, legs)), out=out)
+    out[..., :n].addcmul_(b, scale, value=-1)
+    out[..., n:].addcmul_(a, scale, value=-1)
+    return energy
 
 
-def torsion_energy(b1: Vectors, b2: Vectors, b3: Vectors, periodicity: torch.Tensor, phase: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Periodic torsions of the bond vectors ``b1 = x1 - x0``, ``b2 = x2 - x1``, ``b3 = x3 - x2``.
+def torsion_energy(legs: torch.Tensor, periodicity: torch.Tensor, phase: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Periodic torsions of the bond vectors ``b1 = x1 - x0``, ``b2 = x2 - x1``, ``b3 = x3 - x2``,
+    given as ``legs = [b1 | b2 | b3]`` ``[3, batch, 3 n]``; the gradient with respect to ``legs`` goes to ``out``.
 
-    The dihedral is IUPAC's (trans = pi), the same sign convention as OpenMM's.
+    The dihedral is IUPAC's (trans = pi), the same sign convention as OpenMM's. With
+    ``n1 = b1 x b2``, ``n2 = b2 x b3``: ``dphi/db1 = |b2| n1 / |n1|^2``,
+    ``dphi/db3 = |b2| n2 / |n2|^2``, ``dphi/db2 = -(b1.b2 dphi/db1 + b3.b2 dphi/db3) / |b2|^2``.
     """
-    n1, n2 = _cross(b1, b2), _cross(b2, b3)
-    phi = torch.atan2(_dot(b2, b2).sqrt() * _dot(b1, n2), _dot(n1, n2))
-    return torch.cos(periodicity * phi - phase) @ k + k.sum()
-
-
-def pair_energy(v: Vectors, qq: torch.Tensor, c12: torch.Tensor, c6: torch.Tensor) -> torch.Tensor:
-    """Lennard-Jones and Coulomb: ``c12 / r^12 - c6 / r^6 + qq / r`` summed over the pairs.
-
-    ``c12 = 4 eps sigma^12``, ``c6 = 4 eps sigma^6``, ``qq`` = Coulomb's constant times the
-    charge product, per pair.
-    """
-    return nonbonded_sum(_dot(v, v), qq, c12, c6)
-
-
-def _born_radii(r: torch.Tensor, gb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """OBC effective Born radii ``[batch, n_atoms]`` from all pair distances ``r`` ``[batch, n_pairs]``."""
-    integral_i = descreening(r, gb["offset_radius_i"], gb["scaled_radius_j"])  # what j takes from i
-    integral_j = descreening(r, gb["offset_radius_j"], gb["scaled_radius_i"])
-    total = gb["to_atoms"](integral_i, integral_j)
-    offset_radius = gb["offset_radius"]
-    psi = total * offset_radius
-    alpha, beta, gamma = gb["alpha"], gb["beta"], gb["gamma"]
-    radius = offset_radius + gb["offset"]
-    return (offset_radius.reciprocal() - torch.tanh(psi * (alpha - psi * (beta - gamma * psi))) / radius).reciprocal()
-
-
-def obc_energy(v: Vectors, gb: dict) -> torch.Tensor:
-    """OBC generalized Born (``GBSAOBC1Force`` / ``GBSAOBC2Force``, no cutoff, no salt).
-
-    ``v``: difference vectors of every atom pair ``i < j``. ``gb`` holds per-atom
-    ``charge``, ``offset_radius`` (OpenMM's ``or``), ``scaled_radius`` (``sr``), their
-    values per pair (``offset_radius_i``, ``scaled_radius_j``, ... ), the charge products
-    ``charge_ij``, the tanh coefficients ``alpha, beta, gamma``, ``offset``, ``prefactor``
-    (``-138.935485 (1/soluteDielectric - 1/solventDielectric)``), ``surface`` (the ACE
-    surface term's 28.3919551, or 0 without it), and two functions: ``to_atoms(a_i, a_j)``
-    sums pair values ``[batch, n_pairs]`` onto atoms i and j, ``to_pairs(a)`` gives an atom
-    value ``[batch, n_atoms]`` at both atoms of every pair.
-    """
-    r2 = _dot(v, v)
-    born = _born_radii(r2.sqrt(), gb)
-    charge = gb["charge"]
-    inv_born = born.reciprocal()
-    self_energy = inv_born @ (0.5 * gb["prefactor"] * charge * charge)
-    radius = gb["offset_radius"] + gb["offset"]
-    ratio3 = (radius * inv_born) ** 3
-    surface = (ratio3 * ratio3) @ (gb["surface"] * (radius + 0.14) ** 2)
-    born_i, born_j = gb["to_pairs"](born)
-    pair = gb_pair_sum(r2, born_i * born_j, gb["prefactor"] * gb["charge_ij"])
-    return self_energy + surface + pair
+    n = legs.shape[-1] // 3
+    b1, b2 = legs[..., :n], legs[..., n:2 * n]
+    normals = _cross(legs[..., :2 * n], legs[..., n:])  # [n1 | n2]
+    n1, n2 = normals[..., :n], normals[..., n:]
+    along = _dot(b1, b2)  # b1.b2
+    length2 = _dot(b2, b2)
+    length = length2.sqrt()
+    phi = torch.atan2(length * _dot(b1, n2), _dot(n1, n2))
+    angle = phi.mul_(periodicity).sub_(phase)
+    energy = torch.cos(angle) @ k + k.sum()
+    slope = angle.sin_().mul_(-k * periodicity).mul_(length)  # dE/dphi |b2|
+    ends = torch.mul(normals, slope.repeat(1, 2).div_(_dot(normals, normals)), out=out[..., :2 * n])  # [g1 | g3] for now
+    g1, g3 = out[..., :n], out[..., 2 * n:]
+    g3.copy_(ends[..., n:])
+    inv_length2 = length2.reciprocal_().neg_()
+    torch.mul(g1, along.mul_(inv_length2), out=out[..., n:2 * n]).addcmul_(g3, _dot(legs[..., 2 * n:], b2).mul_(inv_length2))
+    return energy

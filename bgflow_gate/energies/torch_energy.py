@@ -16,18 +16,17 @@ __all__ = ["TorchEnergy"]
 
 
 class _GuardedEnergy(torch.autograd.Function):
-    """Energies with their gradient computed in the forward pass; a sample whose energy or
-    gradient is not finite gets ``+inf`` and a zero gradient, so nothing non-finite flows back."""
+    """Energies with their gradient computed in the forward pass (analytically, no autograd
+    graph); a sample whose energy or gradient is not finite gets ``+inf`` and a zero
+    gradient, so nothing non-finite flows back."""
 
     @staticmethod
     def forward(ctx, positions: torch.Tensor, model: SystemModel) -> torch.Tensor:
-        with torch.enable_grad():
-            x = positions.detach().requires_grad_(True)
-            energy = model(x)
-            (gradient,) = torch.autograd.grad(energy.sum(), x)
-        bad = ~(torch.isfinite(energy) & torch.isfinite(gradient).flatten(1).all(1))
-        energy = torch.where(bad, torch.full_like(energy, math.inf), energy.detach())
-        ctx.save_for_backward(torch.where(bad[:, None, None], torch.zeros_like(gradient), gradient))
+        with torch.no_grad():
+            energy, gradient = model.energy_and_gradient(positions.detach())
+            bad = ~(torch.isfinite(energy) & torch.isfinite(gradient).flatten(1).all(1))
+            energy = energy.masked_fill_(bad, math.inf)
+            ctx.save_for_backward(gradient.masked_fill_(bad[:, None, None], 0))
         return energy
 
     @staticmethod
@@ -40,7 +39,7 @@ class _GuardedEnergy(torch.autograd.Function):
 def _unguarded(positions: torch.Tensor, model: SystemModel) -> torch.Tensor:
     """Energies without a gradient; non-finite ones become ``+inf``."""
     with torch.no_grad():
-        energy = model(positions)
+        energy, _ = model.energy_and_gradient(positions)
     return torch.where(torch.isfinite(energy), energy, torch.full_like(energy, math.inf))
 
 
