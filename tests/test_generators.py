@@ -89,6 +89,21 @@ def test_rest_splines_start_as_the_identity_and_change_the_affine_flow_once_trai
     assert not torch.allclose(moved(z)[0], plain(z)[0], atol=1e-3)
 
 
+def test_the_affine_couplings_read_shifts_then_log_scales_as_models_saved_before_splines():
+    flow, mean, std = make_flow(perturb=False)
+    last = flow.rest_nets[0][-1]
+    cond, moved = flow._rest_split[0]
+    with torch.no_grad():
+        last.bias[: len(moved)] = torch.arange(1.0, len(moved) + 1, dtype=torch.float64)  # shifts, then log-scales 0
+    z = latent(4)
+    bonds, angles, _, fixed, _ = flow(z)
+    r = (torch.cat([bonds, angles, fixed], dim=-1) - mean) / std
+    base, _, _ = make_flow(perturb=False)
+    b0, a0, _, f0, _ = base(z)
+    r0 = (torch.cat([b0, a0, f0], dim=-1) - mean) / std
+    assert torch.allclose((r - r0)[:, moved], torch.arange(1.0, len(moved) + 1, dtype=torch.float64).expand(4, -1))
+
+
 @pytest.mark.parametrize("bins", [1, -1, 2.5])
 def test_rest_spline_bins_must_be_zero_or_at_least_two(bins):
     with pytest.raises(ValueError, match="rest_spline_bins must be 0"):

@@ -137,12 +137,12 @@ class ICSplineFlow(bg.Flow):
         spline after the affine map (``None`` without ``rest_spline_bins``)."""
         cond, moved = self._rest_split[i]
         out = self.rest_nets[i](torch.cat([features, r[:, cond]], dim=-1))
-        out = out.view(out.shape[0], len(moved), -1)
-        shift, raw = out[..., 0], out[..., 1]
-        spline, k = None, self.rest_spline_bins
+        m, k = len(moved), self.rest_spline_bins
+        shift, raw = out[:, :m], out[:, m:2 * m]  # the affine-only layout: models saved before splines load
+        spline = None
         if k:
-            spline = MonotonicRQSTransform(out[..., 2:2 + k], out[..., 2 + k:2 + 2 * k], out[..., 2 + 2 * k:],
-                                           bound=self.REST_BOUND)
+            p = out[:, 2 * m:].view(out.shape[0], m, 3 * k - 1)
+            spline = MonotonicRQSTransform(p[..., :k], p[..., k:2 * k], p[..., 2 * k:], bound=self.REST_BOUND)
         return moved, shift, 2.0 * torch.tanh(raw / 2.0), spline
 
     def _forward(self, z: torch.Tensor, **kwargs):
