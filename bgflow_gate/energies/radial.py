@@ -34,8 +34,8 @@ def nonbonded_with_slope(inv_r: torch.Tensor, qq: torch.Tensor, c12: torch.Tenso
     u3 = torch.mul(u, u, out=scratch("nb_u3", inv_r.shape, inv_r)).mul_(u)
     lj = torch.mul(u3, c12, out=scratch("nb_lj", inv_r.shape, inv_r)).sub_(c6)  # u3 * lj: the Lennard-Jones energy
     energy = torch.mul(u3, lj, out=scratch("nb_energy", inv_r.shape, inv_r)).sum(-1) + inv_r @ qq
-    # dE/dr2 = -u (6 c12 u^6 - 3 c6 u^3 + qq sqrt(u) / 2) = -u (u3 (6 lj + 3 c6) + qq / (2 r))
-    slope = lj.mul_(6).add_(3 * c6).mul_(u3).addcmul_(inv_r, qq, value=0.5).mul_(u).neg_()
+    # dE/dr2 = -u (6 c12 u^6 - 3 c6 u^3 + qq sqrt(u) / 2) = u (u3 (-6 lj - 3 c6) - qq / (2 r))
+    slope = lj.mul_(-6).sub_(3 * c6).mul_(u3).addcmul_(inv_r, qq, value=-0.5).mul_(u)
     return energy, slope
 
 
@@ -112,8 +112,9 @@ def gb_pair_with_slopes(r2: torch.Tensor, bb: torch.Tensor, k: torch.Tensor, scr
     energy = inv_f @ k
     # d(1/f)/d(f^2) = -f^-3 / 2; d(f^2)/d(r2) = 1 - decay/4; d(f^2)/d(bb) = decay (1 + ratio/4)
     scale = torch.mul(inv_f, inv_f, out=scratch("gb_scale", r2.shape, r2)).mul_(inv_f).mul_(-0.5 * k)
-    by_bb = ratio.mul_(0.25).add_(1).mul_(decay).mul_(scale)
-    by_r2 = decay.mul_(-0.25).add_(1).mul_(scale)
+    decay.mul_(scale)  # scale decay
+    by_bb = torch.addcmul(decay, decay, ratio, value=0.25, out=ratio)
+    by_r2 = scale.sub_(decay, alpha=0.25)
     return energy, by_r2, by_bb
 
 
