@@ -363,7 +363,8 @@ def format_delta_f(m: dict[str, Any]) -> str:
         se = m.get("delta_f_phi_se_kjmol")
         return f"{df:.2f}" + (f" +- {se:.2f}" if se is not None else "")
     lo, hi = m.get("delta_f_phi_ci95_kjmol") or (None, None)
-    text = f"{df:.2f} [{format_number(lo, '.1f').replace('n/a', '-inf')}, {format_number(hi, '.1f').replace('n/a', 'inf')}]"
+    low, high = format_number(lo, ".1f").replace("n/a", "-inf"), format_number(hi, ".1f").replace("n/a", "inf")
+    text = f"{df:.2f} [{low}, {high}]"
     return text + ("" if m.get("reweighting_reliable", True) else "*")
 
 

@@ -134,7 +134,8 @@ def combine(runs: list[dict], phi: np.ndarray, psi: np.ndarray, energies: np.nda
         "delta_f_sem_between_runs_kjmol": sem,
         "delta_f_ci95_between_runs_kjmol": (
             [mean - _t95(len(values) - 1) * sem, mean + _t95(len(values) - 1) * sem] if sem is not None else None),
-        "delta_f_se_statistical_inefficiency_kjmol": float(1 / math.sqrt(np.sum(errors ** -2.0))) if len(errors) else None,
+        "delta_f_se_statistical_inefficiency_kjmol": (
+            float(1 / math.sqrt(np.sum(errors ** -2.0))) if len(errors) else None),
         "basins": basin_fractions(phi, psi),
         "energy": energy_summary(energies),
     }
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs, frames = [], []
     for settings, dataset in loaded:
         phi, psi = (a.numpy() for a in phi_psi(torch.as_tensor(dataset.positions, dtype=torch.float64)))
-        runs.append({"seed": settings.seed, "path": str(dataset.path), "acceptance": [float(a) for a in dataset.acceptance],
+        runs.append({"seed": settings.seed, "path": str(dataset.path),
+                     "acceptance": [float(a) for a in dataset.acceptance],
                      **run_estimates(phi, psi, dataset.energies, kt)})
         frames.append((phi, psi, np.asarray(dataset.energies, dtype=float)))
     phi, psi, energies = (np.concatenate(a) for a in zip(*frames))

@@ -223,7 +223,9 @@ def energy_wasserstein(
     return float(np.sum(np.abs(f_u - f_v) * np.diff(grid)))
 
 
-def fraction_beyond_percentile(values: np.ndarray, reference: np.ndarray, percentile: float = TAIL_PERCENTILE) -> float | None:
+def fraction_beyond_percentile(
+    values: np.ndarray, reference: np.ndarray, percentile: float = TAIL_PERCENTILE,
+) -> float | None:
     """Fraction of ``values`` (unweighted) above the ``percentile``-th percentile of the finite
     ``reference`` values; a non-finite value counts as beyond. ``None`` without a finite
     reference value.
