@@ -75,8 +75,9 @@ def descreening_with_slope(r: torch.Tensor, inv_r: torch.Tensor, offset_radius: 
     lower = torch.maximum(distance.abs_(), offset_radius, out=scratch("ds_lower", shape, r))
     inv_u = upper.reciprocal_()
     inv_l = torch.reciprocal(lower, out=distance)
-    inv_l2 = torch.mul(inv_l, inv_l, out=scratch("ds_inv_l2", shape, r))
-    difference = torch.mul(inv_u, inv_u, out=scratch("ds_difference", shape, r)).sub_(inv_l2)
+    difference = torch.mul(inv_u, inv_u, out=scratch("ds_difference", shape, r)).addcmul_(inv_l, inv_l, value=-1)
+    if branches:
+        inside.mul_(inv_l).mul_(inv_l)  # -1 / L^2 where atom i is deep inside atom j's sphere, else 0
     log_term = lower.mul_(inv_u).log_().mul_(inv_r)  # log(L/U) / r
     t = torch.mul(scaled_radius * scaled_radius, inv_r, out=scratch("ds_slope", shape, r))
     # 8 I = (r - t) d + 4 (1/L - 1/U) + 2 log(L/U) / r
@@ -86,7 +87,7 @@ def descreening_with_slope(r: torch.Tensor, inv_r: torch.Tensor, offset_radius: 
     slope = t.mul_(inv_r).mul_(difference).add_(difference).sub_(log_term.mul_(inv_r), alpha=2)
     if not branches:
         return value, slope
-    slope.addcmul_(inv_l2, inside, value=-8)
+    slope.add_(inside, alpha=-8)
     return value.mul_(keep), slope.mul_(keep)
 
 
