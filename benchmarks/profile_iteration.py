@@ -1,0 +1,262 @@
+"""Where the time of one ``aa_vacuum_is`` training iteration goes, component by component.
+
+The experiment's mixed stage as ``bgflow-gate train`` builds it (``bgflow_gate/experiments.yaml``):
+the physical generator of :mod:`bgflow_gate.systems.physical` (all rotors, 4 + 4 couplings
+x 128, 8 bins, float32, around the energy minimum) on alanine dipeptide in vacuum, the
+target a :class:`~bgflow_gate.TorchEnergy` at 300 K (``make_target``, backend torch), the
+gated :class:`~bgflow_gate.ProgressiveKLTrainer` (the experiment's gate, skip policy,
+``max_grad_norm``; Adam at the mixed learning rate), batch ``--batch``,
+``w_energy=0.9`` (reverse KL) + ``w_likelihood=0.1`` (NLL on the cached MD frames).
+
+Each component is timed alone, forward and backward: its inputs are fresh leaf tensors that
+require grad and its backward pushes a random cotangent through its outputs (the energy: the
+sum). The flow is
+``gen.flow._blocks = [ICSplineFlow, TorsionLayout, InverseFlow(IC transform)]``.
+
+* KL half: (1) ``ICSplineFlow`` forward from the latent ``z``, (2) ``TorsionLayout`` + the
+  inverse IC transform (internal -> Cartesian), (3) the TorchEnergy (it computes its
+  gradient in the forward pass, so its backward is one product).
+* NLL half: the IC transform forward (Cartesian -> internal, with ``TorsionLayout``'s
+  inverse) and the ``ICSplineFlow`` inverse. In training the MD frames carry no gradient,
+  so the IC transform's backward (marked ``*``) is not part of an iteration.
+* The optimiser step: gradient clipping (norm 10) and Adam.
+* The whole iteration: one ``trainer.train(--iters)`` call per round, each iteration timed
+  alone; its "rest" is what the components leave (gate, losses, gradient bookkeeping,
+  batch drawing, the history).
+
+Every measurement runs once per round, ``--repeats`` rounds after a warm-up round,
+interleaved so that a burst of load hits them all alike; the table shows the best round of
+each (and the median iteration). Shares are (forward + backward) / best whole iteration.
+Run with one thread and nothing else heavy: the load average is printed with the table.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/profile_iteration.py [--batch 512] [--repeats 15]
+        [--iters 5] [--rest-spline-bins 8] [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning
+from bgflow_gate.config import DEFAULT_CONFIG, load_experiments, run_settings
+from bgflow_gate.pipeline import make_target
+from bgflow_gate.systems.alanine import alanine_dipeptide
+from bgflow_gate.systems.data import generate_dataset
+from bgflow_gate.systems.physical import ALL_ROTORS, minimized_positions, physical_generator
+
+EXPERIMENT = "aa_vacuum_is"
+
+
+def build(args: argparse.Namespace) -> dict:
+    """The experiment's settings, generator, target and MD training frames.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command line (``rest_spline_bins``, ``data_dir``).
+
+    Returns
+    -------
+    dict
+        ``settings``, ``gen`` (the BoltzmannGenerator), ``target`` and ``train``
+        (float32 ``[n, 66]`` frames, the training split).
+    """
+    settings = run_settings(load_experiments(DEFAULT_CONFIG), EXPERIMENT, device="cpu")
+    m, t = settings["model"], settings["training"]
+    dataset = generate_dataset(settings["data"], args.data_dir, progress=False)
+    system = alanine_dipeptide(settings["data"].solvent)
+    target, _ = make_target(system, settings["data"].t_min, settings["energy"])
+    torch.manual_seed(t["seed"])
+    gen = physical_generator(
+        system, target, rotors=ALL_ROTORS, positions=minimized_positions(system), hidden=m["hidden"],
+        n_torsion_layers=m["n_torsion_layers"], n_rest_layers=m["n_rest_layers"], n_bins=m["n_bins"],
+        rest_spline_bins=args.rest_spline_bins, dtype=getattr(torch, m["dtype"]),
+    )
+    train = torch.as_tensor(dataset.split(t["test_fraction"])[0], dtype=torch.float32)
+    return dict(settings=settings, gen=gen, target=target, train=train)
+
+
+def _leaves(inputs) -> list[torch.Tensor]:
+    return [x.detach().clone().requires_grad_(True) for x in inputs]
+
+
+def call_once(part: dict, params) -> tuple[float, float]:
+    """Seconds of one forward and one backward of a component, on fresh leaf inputs.
+
+    Parameters
+    ----------
+    part : dict
+        ``fn`` (returns a tensor or a tuple of tensors), ``inputs`` (copied into fresh leaves
+        that require grad), ``sum_only`` (backpropagate the sum instead of a random cotangent);
+        the cotangents are drawn on the first call and stored in it as ``cotangents``.
+    params : sequence of torch.nn.Parameter
+        Whose gradients are cleared before the backward (outside the timing).
+
+    Returns
+    -------
+    tuple of float
+        ``(forward s, backward s)``.
+    """
+    leaves = _leaves(part["inputs"])
+    start = time.perf_counter()
+    out = part["fn"](*leaves)
+    fwd = time.perf_counter() - start
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+    if "cotangents" not in part:
+        part["cotangents"] = [torch.ones_like(o) if part["sum_only"] else torch.randn_like(o) for o in outs]
+    for p in params:
+        p.grad = None
+    start = time.perf_counter()
+    torch.autograd.backward(outs, grad_tensors=part["cotangents"])
+    return fwd, time.perf_counter() - start
+
+
+def components(gen, target, train: torch.Tensor, batch: int) -> list[dict]:
+    """The KL and NLL pieces: ``name``, ``fn``, ``inputs``, ``sum_only``, ``in_iteration``
+    (whether its backward is part of a training iteration)."""
+    spline, layout, inverse_ic = gen.flow._blocks
+    with torch.no_grad():
+        z = gen.prior.sample(batch)
+        *ics, _ = spline(z)
+        x, _ = inverse_ic(*layout(*ics)[:-1])
+        frames = train[torch.randint(len(train), (batch,))]
+        *data_ics, _ = layout(*inverse_ic(frames, inverse=True)[:-1], inverse=True)
+
+    def to_cartesian(*ic):
+        *layout_out, dlogp = layout(*ic)
+        out, dlogp_ic = inverse_ic(*layout_out)
+        return out, dlogp + dlogp_ic
+
+    def to_internal(xs):
+        *ic, dlogp = inverse_ic(xs, inverse=True)
+        *out, dlogp_layout = layout(*ic, inverse=True)
+        return (*out, dlogp + dlogp_layout)
+
+    table = [
+        ("KL  (1) ICSplineFlow forward, z -> IC", spline, [z], False, True),
+        ("KL  (2) TorsionLayout + IC inverse -> x", to_cartesian, ics, False, True),
+        ("KL  (3) TorchEnergy", target.energy, [x], True, True),
+        ("NLL (4) IC forward + layout inv., x -> IC", to_internal, [frames], False, False),
+        ("NLL (5) ICSplineFlow inverse, IC -> z", lambda *ic: spline(*ic, inverse=True), data_ics, False, True),
+    ]
+    keys = ("name", "fn", "inputs", "sum_only", "in_iteration")
+    return [dict(zip(keys, row)) for row in table]
+
+
+def make_trainer(gen, settings: dict) -> ProgressiveKLTrainer:
+    """The mixed stage's trainer as the pipeline builds it (no checkpoints, no LR schedule)."""
+    t, g = settings["training"], settings["gate"]
+    gate = dict(schedule=g["schedule"], e_cut=g["e_cut"], adaptive_quantile=g["adaptive_quantile"],
+                above_cut=g["above_cut"]) if settings["use_energy_gating"] else {"gate": False}
+    optim = torch.optim.Adam(gen.parameters(), lr=t["mixed_lr"])
+    return ProgressiveKLTrainer(
+        gen, optim, iters_per_epoch=t["iters_per_epoch"], max_grad_norm=t["max_grad_norm"],
+        skip_policy=t["skip_policy"], min_keep_fraction=t["min_keep_fraction"], on_stall=t["on_stall"], **gate,
+    )
+
+
+def iteration_seconds(trainer, settings: dict, train: torch.Tensor, batch: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` ``trainer.train`` iterations (timed between the progress
+    bar's steps, so the once-per-call set-up is left out)."""
+    t = settings["training"]
+    stamps = []
+
+    def stamped(iterations):
+        for i in iterations:
+            stamps.append(time.perf_counter())
+            yield i
+        stamps.append(time.perf_counter())
+
+    trainer.train(iters, data=train, batchsize=batch, w_likelihood=t["w_likelihood"], w_energy=t["w_energy"],
+                  clip_forces=t["clip_forces"], progress_bar=stamped)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def optimizer_step_seconds(trainer) -> float:
+    """Seconds of gradient clipping + ``optim.step()`` on the gradients the trainer left."""
+    params = [p for group in trainer.optim.param_groups for p in group["params"] if p.grad is not None]
+    start = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
+    trainer.optim.step()
+    return time.perf_counter() - start
+
+
+def profile(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], float, float, float]:
+    """Rounds of every measurement, interleaved so a burst of load on the machine hits all
+    of them alike; the first round is the warm-up.
+
+    Returns
+    -------
+    tuple
+        ``(rows, optimiser step ms, whole iteration ms, median iteration ms)``, each the best
+        over the rounds (the iteration: best and median of all timed iterations); ``rows``
+        are ``(name, forward ms, backward ms, in_iteration)``.
+    """
+    gen = parts["gen"]
+    pieces = components(gen, parts["target"], parts["train"], args.batch)
+    trainer = make_trainer(gen, parts["settings"])
+    params = list(gen.parameters())
+    best = {p["name"]: (float("inf"), float("inf")) for p in pieces}
+    step, iterations = float("inf"), []
+    for round_ in range(args.repeats + 1):
+        times = {p["name"]: call_once(p, params) for p in pieces}
+        seconds = iteration_seconds(trainer, parts["settings"], parts["train"], args.batch, args.iters)
+        step_seconds = optimizer_step_seconds(trainer)
+        if round_ == 0:
+            continue
+        best = {k: (min(best[k][0], times[k][0]), min(best[k][1], times[k][1])) for k in best}
+        step, iterations = min(step, step_seconds), iterations + seconds
+    rows = [(p["name"], 1e3 * best[p["name"]][0], 1e3 * best[p["name"]][1], p["in_iteration"]) for p in pieces]
+    return rows, 1e3 * step, 1e3 * min(iterations), 1e3 * float(np.median(iterations))
+
+
+def print_table(rows: list[tuple], step_ms: float, total_ms: float, median_ms: float, header: str) -> None:
+    """The table: component, forward ms, backward ms, share of the whole iteration (best)."""
+    print(header)
+    print(f"{'component':<44} {'fwd ms':>8} {'bwd ms':>8} {'share':>7}")
+    counted = 0.0
+    for name, fwd, bwd, in_iteration in rows:
+        part = fwd + (bwd if in_iteration else 0.0)
+        counted += part
+        mark = "" if in_iteration else "*"
+        print(f"{name:<44} {fwd:8.1f} {bwd:7.1f}{mark:1} {100 * part / total_ms:6.1f}%")
+    counted += step_ms
+    print(f"{'optimiser: clip_grad_norm + Adam step':<44} {step_ms:8.1f} {'':>8} {100 * step_ms / total_ms:6.1f}%")
+    rest = total_ms - counted
+    print(f"{'rest (gate, losses, grad bookkeeping, ...)':<44} {rest:8.1f} {'':>8} {100 * rest / total_ms:6.1f}%")
+    print(f"{'whole ProgressiveKLTrainer iteration (best)':<44} {total_ms:8.1f} {'':>8} {100.0:6.1f}%")
+    print(f"{'whole ProgressiveKLTrainer iteration (median)':<44} {median_ms:8.1f}")
+    print("* backward not part of an iteration (the MD frames carry no gradient); left out of the shares")
+
+
+def main(argv=None) -> dict:
+    """Build, time and print; returns the rows, the optimiser step and the whole iteration (ms)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--iters", type=int, default=5, help="trainer iterations per round")
+    parser.add_argument("--rest-spline-bins", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", TrainingHealthWarning)
+    load_before = os.getloadavg()
+    rows, step_ms, total_ms, median_ms = profile(build(args), args)
+    load_after = os.getloadavg()
+    header = (f"{EXPERIMENT}: batch {args.batch}, rest_spline_bins {args.rest_spline_bins}, best of "
+              f"{args.repeats} rounds ({args.iters} iterations each); torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread(s); load average {load_before[0]:.2f} before, "
+              f"{load_after[0]:.2f} after")
+    print_table(rows, step_ms, total_ms, median_ms, header)
+    return dict(rows=rows, step_ms=step_ms, total_ms=total_ms, median_ms=median_ms)
+
+
+if __name__ == "__main__":
+    main()
