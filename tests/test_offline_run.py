@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch
 pytest.importorskip("openmmtools")
 
 from bgflow_gate.cli import main  # noqa: E402
-from bgflow_gate.systems.snapshot import SystemSnapshot, snapshot_path  # noqa: E402
+from bgflow_gate.systems.snapshot import SNAPSHOT_FORMAT, SystemSnapshot, snapshot_path  # noqa: E402
+from physical_parts import physical_parts  # noqa: E402
 from tiny_runs import tiny_experiment  # noqa: E402
 
 TINY = tiny_experiment(
@@ -24,15 +26,33 @@ TINY = tiny_experiment(
     energy="{backend: torch}",
 )
 
-#: Runs ``bgflow-gate`` with openmm, openmmtools and mdtraj made unimportable.
-WITHOUT_OPENMM = ("import sys; sys.modules.update(openmm=None, openmmtools=None, mdtraj=None); "
-                  "from bgflow_gate.cli import main; sys.exit(main(sys.argv[1:]))")
+TINY_KL = tiny_experiment(
+    "tiny_kl", model="{kind: physical, rotors: backbone, n_torsion_layers: 1, n_rest_layers: 1, hidden: 8, n_bins: 4}",
+    training="{route: kl_only, batch_size: 16, iters_per_epoch: 2, kl_epochs: 2, warmup_epochs: 0}",
+    energy="{backend: torch}",
+)
+
+#: Makes openmm, openmmtools and mdtraj unimportable.
+HIDE_OPENMM = "import sys; sys.modules.update(openmm=None, openmmtools=None, mdtraj=None); "
+#: Runs ``bgflow-gate`` with OpenMM hidden.
+WITHOUT_OPENMM = HIDE_OPENMM + "from bgflow_gate.cli import main; sys.exit(main(sys.argv[1:]))"
+
+#: Builds the physical generator from the snapshot ``argv[1]`` with OpenMM hidden and saves
+#: what must equal the generator built with OpenMM (:func:`physical_parts.physical_parts`) to ``argv[2]``.
+PHYSICAL_WITHOUT_OPENMM = HIDE_OPENMM + """
+import torch
+from bgflow_gate.systems.snapshot import SystemSnapshot
+from physical_parts import physical_parts
+snapshot = SystemSnapshot.load(sys.argv[1])
+torch.save(physical_parts(snapshot, snapshot.torch_energy(300.0)), sys.argv[2])
+assert not any(sys.modules.get(m) for m in ("openmm", "openmmtools", "mdtraj"))
+"""
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("offline")
-    (root / "experiments.yaml").write_text(TINY)
+    (root / "experiments.yaml").write_text(TINY + TINY_KL)
     argv = ["data", "--experiment", "tiny", "--config", str(root / "experiments.yaml"), "--data-dir",
             str(root / "data"), "--quiet"]
     assert main(argv) == 0
@@ -68,3 +88,62 @@ def test_without_openmm_a_cache_without_snapshot_is_one_line_saying_what_to_run(
     assert done.returncode == 2
     assert done.stderr.strip().endswith("write it where OpenMM is installed with 'bgflow-gate data --experiment tiny'")
     assert "alanine_vacuum_system.pt" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_physical_generator_built_from_the_snapshot_without_openmm_is_the_one_built_with_openmm(cache, tmp_path):
+    from bgflow_gate.systems.alanine import alanine_dipeptide
+
+    out = tmp_path / "offline.pt"
+    done = subprocess.run([sys.executable, "-c", PHYSICAL_WITHOUT_OPENMM, str(snapshot_path(cache / "data", "vacuum")),
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    offline = torch.load(out, weights_only=True)
+    system = alanine_dipeptide("vacuum")
+    online = physical_parts(system, SystemSnapshot.load(snapshot_path(cache / "data", "vacuum")).torch_energy(300.0))
+    assert offline["minimum"].dtype == torch.float64 and torch.equal(offline["minimum"], online["minimum"])
+    assert [int(offline[k]["rotor_index"].numel()) for k in ("all", "backbone")] == [5, 2]
+    for key in ("all", "backbone"):
+        a, b = offline[key], online[key]
+        assert torch.equal(a["z_matrix"], b["z_matrix"]) and torch.equal(a["rotor_index"], b["rotor_index"])
+        assert a["weights"].keys() == b["weights"].keys()
+        assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+        assert torch.equal(a["samples"], b["samples"])
+
+
+def _old_format_copy(path, tmp_path):
+    """A cache directory whose snapshot is ``path``'s in format 1 (no physical inputs)."""
+    state = torch.load(path, weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("physical_")}
+    state["format"] = "bgflow_gate.SystemSnapshot/1"
+    (tmp_path / "data").mkdir()
+    for dataset in path.parent.glob("alanine_vacuum_*.npz"):
+        (tmp_path / "data" / dataset.name).write_bytes(dataset.read_bytes())
+    torch.save(state, tmp_path / "data" / path.name)
+    return tmp_path / "data" / path.name
+
+
+def test_a_snapshot_of_the_older_format_says_to_write_it_again(cache, tmp_path):
+    assert SNAPSHOT_FORMAT == "bgflow_gate.SystemSnapshot/2"
+    old = _old_format_copy(snapshot_path(cache / "data", "vacuum"), tmp_path)
+    with pytest.raises(ValueError, match="written by an older bgflow-gate .*'bgflow-gate data --experiment NAME' "
+                                         "where OpenMM is installed$"):
+        SystemSnapshot.load(old)
+    argv = ["train", "--experiment", "tiny_kl", "--config", str(cache / "experiments.yaml"), "--data-dir",
+            str(old.parent), "--out", str(tmp_path / "run"), "--quiet"]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_OPENMM, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert str(old) in done.stderr
+    assert done.stderr.strip().endswith("write it again with 'bgflow-gate data --experiment tiny_kl' where OpenMM "
+                                        "is installed")
+
+
+@pytest.mark.slow
+def test_the_physical_generator_trains_from_the_cache_without_openmm(cache):
+    out = cache / "run_kl"
+    argv = ["train", "--experiment", "tiny_kl", "--config", str(cache / "experiments.yaml"), "--data-dir",
+            str(cache / "data"), "--out", str(out), "--quiet"]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_OPENMM, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["energy"]["target"].startswith("energy: torch (OpenMM does not import here: TorchEnergy from")
+    assert summary["route"] == "kl_only" and set(summary["metrics"]) == {"md", "kl"}

@@ -16,8 +16,8 @@ pytest.importorskip("mdtraj")
 from bgflow_gate import bg  # noqa: E402
 from bgflow_gate.systems.alanine import alanine_dipeptide, phi_psi  # noqa: E402
 from bgflow_gate.systems.physical import (  # noqa: E402
-    ALL_ROTORS, CHIRAL_FRAME, Spreads, TorsionLayout, global_z_matrix, minimized_positions,
-    physical_generator, reference_siblings, rotor_rows,
+    ALL_ROTORS, BACKBONE_ROTORS, CHIRAL_FRAME, PhysicalInputs, Spreads, TorsionLayout, bond_array, global_z_matrix,
+    minimized_positions, physical_generator, physical_inputs, reference_siblings, rotor_rows,
 )
 from bgflow_gate.units import kt_in_kjmol  # noqa: E402
 
@@ -79,6 +79,26 @@ def test_one_proper_torsion_per_rotor_bond_is_a_rotor(system):
     assert int(mask.sum()) == 5
     axes = {frozenset(row[1:3]) for row in ic.torsion_indices[mask].tolist()}
     assert axes == {frozenset(p) for p in ([6, 8], [8, 14], [1, 4], [16, 18], [8, 10])}
+
+
+def test_the_bond_array_tells_the_same_rotors_as_the_topology(system):
+    bonds = bond_array(system.topology)
+    assert bonds.shape == (21, 2) and bonds.dtype == np.int64 and (bonds[:, 0] < bonds[:, 1]).all()
+    ic = bg.GlobalInternalCoordinateTransformation(global_z_matrix(system.topology))
+    for rotors in (ALL_ROTORS, BACKBONE_ROTORS):
+        mask = rotor_rows(ic.torsion_indices, bonds, rotors)
+        assert np.array_equal(mask, rotor_rows(ic.torsion_indices, system.topology, rotors))
+
+
+def test_physical_inputs_take_what_is_given_and_compute_the_rest(system, minimum):
+    start = np.asarray(system.positions, dtype=np.float64)
+    inputs = physical_inputs(system, positions=start)  # no minimisation
+    assert np.array_equal(inputs.minimum, start) and np.array_equal(inputs.z_matrix, global_z_matrix(system.topology))
+    stored = PhysicalInputs(inputs.z_matrix, inputs.bonds, minimum)
+    assert physical_inputs(stored) is stored
+    assert np.array_equal(physical_inputs(stored, positions=start).minimum, start)
+    with pytest.raises(ValueError, match=r"minimum must have shape \[n, 3\]"):
+        PhysicalInputs(inputs.z_matrix, inputs.bonds, minimum.reshape(-1))
 
 
 def test_the_transform_outputs_the_bonds_and_angles_of_the_global_z_matrix(system, minimum):

@@ -21,14 +21,18 @@ references every atom that shares its bond and angle atoms with an earlier atom 
 sibling, e.g. the three hydrogens of a methyl) to that sibling, so one rotor turns a whole
 group and the rest stay rigid around it.
 
-The energy-minimised structure comes from OpenMM (:func:`minimized_positions`); the flow
-needs nothing else.
+The generator needs three things of the system (:class:`PhysicalInputs`): the global
+z-matrix, the bonds (which torsions are proper, hence rotors) and the energy-minimised
+structure, which comes from OpenMM (:func:`minimized_positions`). Built from an
+:class:`~bgflow_gate.systems.alanine.AlanineDipeptide` they are computed (OpenMM needed);
+a :class:`~bgflow_gate.systems.snapshot.SystemSnapshot` stores them, so
+:func:`physical_generator` builds the same generator from one on a machine without OpenMM.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -48,6 +52,9 @@ __all__ = [
     "global_z_matrix",
     "reference_siblings",
     "rotor_rows",
+    "bond_array",
+    "PhysicalInputs",
+    "physical_inputs",
     "TorsionLayout",
     "physical_generator",
 ]
@@ -186,21 +193,39 @@ def global_z_matrix(topology, frame: Sequence[int] | None = CHIRAL_FRAME, siblin
     return reference_siblings(z) if siblings else z
 
 
-def _bond_set(topology) -> set[frozenset[int]]:
+def bond_array(topology) -> np.ndarray:
+    """The bonds of a topology as atom pairs.
+
+    Parameters
+    ----------
+    topology : mdtraj.Topology or openmm.app.Topology
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[n_bonds, 2]`` int64, each pair ascending, the pairs sorted.
+    """
     bonds = topology.bonds() if callable(topology.bonds) else topology.bonds
-    return {frozenset((b[0].index, b[1].index)) for b in bonds}
+    pairs = sorted({tuple(sorted((b[0].index, b[1].index))) for b in bonds})
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def rotor_rows(torsion_indices: np.ndarray, topology, rotors: Iterable[str] = ALL_ROTORS) -> np.ndarray:
+def _bond_set(bonds) -> set[frozenset[int]]:
+    """``bonds`` (a topology or ``[n_bonds, 2]`` atom pairs) as a set of atom pairs."""
+    pairs = bonds if isinstance(bonds, np.ndarray) else bond_array(bonds)
+    return {frozenset(int(i) for i in pair) for pair in pairs.tolist()}
+
+
+def rotor_rows(torsion_indices: np.ndarray, bonds, rotors: Iterable[str] = ALL_ROTORS) -> np.ndarray:
     """Which torsions are rotors: for every named rotor, the first proper torsion about its bond.
 
     Parameters
     ----------
     torsion_indices : numpy.ndarray
         ``[n_torsions, 4]`` atoms of each torsion, as the IC transform outputs them.
-    topology : mdtraj.Topology or openmm.app.Topology
-        Its bonds tell a proper torsion (``t`` bonded to ``k`` in ``i-j-k-t``) from an
-        improper one.
+    bonds : mdtraj.Topology or openmm.app.Topology or numpy.ndarray
+        A topology or its :func:`bond_array`: the bonds tell a proper torsion (``t``
+        bonded to ``k`` in ``i-j-k-t``) from an improper one.
     rotors : iterable of str
         Keys of :data:`ROTOR_BONDS`.
 
@@ -214,7 +239,7 @@ def rotor_rows(torsion_indices: np.ndarray, topology, rotors: Iterable[str] = AL
     ValueError
         For an unknown rotor name, or a rotor bond that no proper torsion turns.
     """
-    bonds = _bond_set(topology)
+    bonds = _bond_set(bonds)
     mask = np.zeros(len(torsion_indices), dtype=bool)
     for name in rotors:
         if name not in ROTOR_BONDS:
@@ -228,6 +253,66 @@ def rotor_rows(torsion_indices: np.ndarray, topology, rotors: Iterable[str] = AL
             raise ValueError(f"no proper torsion of the z-matrix turns the {name} bond {ROTOR_BONDS[name]}")
         mask[rows[0]] = True
     return mask
+
+
+@dataclass(frozen=True)
+class PhysicalInputs:
+    """What :func:`physical_generator` needs of alanine dipeptide, as plain arrays.
+
+    Attributes
+    ----------
+    z_matrix : numpy.ndarray
+        ``[n_atoms, 4]`` int64, the global z-matrix (:func:`global_z_matrix`).
+    bonds : numpy.ndarray
+        ``[n_bonds, 2]`` int64, :func:`bond_array` of the topology (for :func:`rotor_rows`).
+    minimum : numpy.ndarray
+        ``[n_atoms, 3]`` float64 nm, the structure the flow is centred on
+        (:func:`minimized_positions`).
+    """
+
+    z_matrix: np.ndarray
+    bonds: np.ndarray
+    minimum: np.ndarray
+
+    def __post_init__(self):
+        for name, dtype, width in (("z_matrix", np.int64, 4), ("bonds", np.int64, 2), ("minimum", np.float64, 3)):
+            value = np.array(getattr(self, name), dtype=dtype, copy=True)
+            if value.ndim != 2 or value.shape[1] != width:
+                raise ValueError(f"{name} must have shape [n, {width}], got {value.shape}")
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(cls, system) -> "PhysicalInputs":
+        """Computed from an :class:`~bgflow_gate.systems.alanine.AlanineDipeptide` (needs OpenMM)."""
+        return cls(global_z_matrix(system.topology), bond_array(system.topology), minimized_positions(system))
+
+
+def physical_inputs(system, z_matrix: np.ndarray | None = None, positions: np.ndarray | None = None) -> PhysicalInputs:
+    """The inputs of :func:`physical_generator` for ``system``, the given ones in place of its own.
+
+    Parameters
+    ----------
+    system : AlanineDipeptide or SystemSnapshot or PhysicalInputs
+        An ``AlanineDipeptide`` computes them from its topology and OpenMM system (the
+        minimum only where ``positions`` is not given); a ``SystemSnapshot`` holds them
+        (its ``physical``), computed so where OpenMM is installed.
+    z_matrix : numpy.ndarray, optional
+        A global z-matrix in place of the system's.
+    positions : numpy.ndarray, optional
+        ``[n_atoms, 3]`` nm in place of the system's minimum.
+
+    Returns
+    -------
+    PhysicalInputs
+    """
+    given = {k: v for k, v in (("z_matrix", z_matrix), ("minimum", positions)) if v is not None}
+    stored = system if isinstance(system, PhysicalInputs) else getattr(system, "physical", None)
+    if stored is not None:
+        return replace(stored, **given) if given else stored
+    topology = system.topology
+    z = given["z_matrix"] if "z_matrix" in given else global_z_matrix(topology)
+    minimum = given["minimum"] if "minimum" in given else minimized_positions(system)
+    return PhysicalInputs(z, bond_array(topology), minimum)
 
 
 class TorsionLayout(bg.Flow):
@@ -300,17 +385,19 @@ def physical_generator(
 
     Parameters
     ----------
-    system : AlanineDipeptide
-        Gives the topology (z-matrix, proper torsions) and the OpenMM system (minimum).
+    system : AlanineDipeptide or SystemSnapshot or PhysicalInputs
+        Gives the z-matrix, the bonds (proper torsions) and the minimum
+        (:func:`physical_inputs`); from a ``SystemSnapshot`` no OpenMM is needed, and the
+        generator is the same as from the system it was written of.
     target : Energy
         The generator's target energy (e.g. ``system.energy()``, in kT).
     rotors : iterable of str
         Keys of :data:`ROTOR_BONDS` whose torsion starts uniform.
     z_matrix : numpy.ndarray, optional
-        A global z-matrix; default :func:`global_z_matrix` of the topology.
+        A global z-matrix; default the system's (:func:`global_z_matrix` of the topology).
     positions : numpy.ndarray, optional
-        ``[n_atoms, 3]`` nm, the structure the flow is centred on; default
-        :func:`minimized_positions`.
+        ``[n_atoms, 3]`` nm, the structure the flow is centred on; default the system's
+        minimum (:func:`minimized_positions`).
     spreads : Spreads
         The untrained flow's spreads.
     n_torsion_layers, n_rest_layers, hidden, n_bins, rest_spline_bins
@@ -324,12 +411,10 @@ def physical_generator(
         Normal prior, the flow, the inverse of bgflow's
         ``GlobalInternalCoordinateTransformation``; samples are Cartesian (nm).
     """
-    if z_matrix is None:
-        z_matrix = global_z_matrix(system.topology)
-    ic = bg.GlobalInternalCoordinateTransformation(z_matrix, normalize_angles=True)
-    mask = rotor_rows(ic.torsion_indices, system.topology, rotors)
-    positions = minimized_positions(system) if positions is None else positions
-    mean, std, other_mean = _physical_scale(ic, positions, mask, spreads)
+    inputs = physical_inputs(system, z_matrix=z_matrix, positions=positions)
+    ic = bg.GlobalInternalCoordinateTransformation(inputs.z_matrix, normalize_angles=True)
+    mask = rotor_rows(ic.torsion_indices, inputs.bonds, rotors)
+    mean, std, other_mean = _physical_scale(ic, inputs.minimum, mask, spreads)
     sizes = (ic.dim_bonds, ic.dim_angles, int(mask.sum()), int((~mask).sum()))
     flow = ICSplineFlow(sizes, mean, std, n_torsion_layers=n_torsion_layers, n_rest_layers=n_rest_layers,
                         hidden=hidden, n_bins=n_bins, rest_spline_bins=rest_spline_bins)

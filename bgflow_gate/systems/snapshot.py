@@ -1,11 +1,15 @@
 """What ``bgflow-gate train`` needs of alanine dipeptide on a machine without OpenMM.
 
 A :class:`SystemSnapshot` holds the z-matrix and rigid block of the spline generator, the
-starting structure and the system's :class:`~bgflow_gate.TorchEnergy` parameters, as plain
-arrays and tensors. ``bgflow-gate data`` writes one beside the dataset in the data cache
-(:func:`snapshot_path`); a run where ``openmm`` does not import reads it, and reads the cached
-dataset with :func:`load_offline_dataset`, which checks the stored energies against the
-snapshot's TorchEnergy instead of OpenMM. Only :meth:`SystemSnapshot.of` needs OpenMM.
+starting structure, what the physical generator needs (the global z-matrix, the bonds and the
+energy minimum, :class:`~bgflow_gate.systems.physical.PhysicalInputs`) and the system's
+:class:`~bgflow_gate.TorchEnergy` parameters, as plain arrays and tensors. ``bgflow-gate
+data`` writes one beside the dataset in the data cache (:func:`snapshot_path`); a run where
+``openmm`` does not import reads it, and reads the cached dataset with
+:func:`load_offline_dataset`, which checks the stored energies against the snapshot's
+TorchEnergy instead of OpenMM. Only :meth:`SystemSnapshot.of` needs OpenMM.
+A snapshot of an older format (before the physical generator's inputs) is refused with a
+``ValueError`` that says to write it again.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import torch
 
 from ..energies import TorchEnergy
 from .data import ENERGY_TOLERANCE_KJMOL, Dataset, DatasetError, ReplicaExchangeSettings, load_dataset
+from .physical import PhysicalInputs
 
 __all__ = ["SNAPSHOT_FORMAT", "SystemSnapshot", "snapshot_path", "dataset_path", "load_offline_dataset"]
 
-#: Name and version of a snapshot file.
-SNAPSHOT_FORMAT = "bgflow_gate.SystemSnapshot/1"
+#: Name and version of a snapshot file (2: with the physical generator's inputs).
+SNAPSHOT_FORMAT = "bgflow_gate.SystemSnapshot/2"
+_FORMAT_NAME = SNAPSHOT_FORMAT.rsplit("/", 1)[0]
+#: The arrays of a snapshot file, and those of its ``physical`` (keys ``physical_<name>``).
+_ARRAYS = ("z_matrix", "rigid_block", "positions")
+_PHYSICAL = ("z_matrix", "bonds", "minimum")
 
 
 def snapshot_path(cache_dir: str | Path, solvent: str) -> Path:
@@ -38,7 +47,7 @@ def dataset_path(cache_dir: str | Path, settings: ReplicaExchangeSettings) -> Pa
 
 @dataclass(frozen=True)
 class SystemSnapshot:
-    """Alanine dipeptide without OpenMM: enough for the spline generator and a TorchEnergy.
+    """Alanine dipeptide without OpenMM: enough for both generators and a TorchEnergy.
 
     Attributes
     ----------
@@ -50,6 +59,10 @@ class SystemSnapshot:
         ``[22, 3]`` nm, openmmtools' starting structure.
     energy : dict
         :meth:`TorchEnergy.to_dict` of the system.
+    physical : PhysicalInputs
+        The physical generator's global z-matrix, bonds and energy minimum (float64), so
+        :func:`~bgflow_gate.systems.physical.physical_generator` of the snapshot is the
+        generator of the system.
     """
 
     solvent: str
@@ -57,13 +70,14 @@ class SystemSnapshot:
     rigid_block: np.ndarray
     positions: np.ndarray
     energy: dict
+    physical: PhysicalInputs
 
     @classmethod
     def of(cls, system, temperature: float = 300.0) -> "SystemSnapshot":
         """The snapshot of an :class:`~bgflow_gate.systems.alanine.AlanineDipeptide` (needs OpenMM)."""
         energy = TorchEnergy.from_openmm(system.system, temperature=temperature)
         return cls(system.solvent, np.asarray(system.z_matrix), np.asarray(system.rigid_block),
-                   np.asarray(system.positions), energy.to_dict())
+                   np.asarray(system.positions), energy.to_dict(), PhysicalInputs.of(system))
 
     def torch_energy(self, temperature: float) -> TorchEnergy:
         """The system's energy in kT at ``temperature`` K."""
@@ -74,25 +88,57 @@ class SystemSnapshot:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"format": SNAPSHOT_FORMAT, "solvent": self.solvent, "energy": self.energy,
-                 **{k: torch.as_tensor(getattr(self, k)) for k in ("z_matrix", "rigid_block", "positions")}}
+                 **{k: torch.as_tensor(getattr(self, k)) for k in _ARRAYS},
+                 **{f"physical_{k}": torch.as_tensor(getattr(self.physical, k)) for k in _PHYSICAL}}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SystemSnapshot":
-        """Read a snapshot written by :meth:`save`; a ``ValueError`` naming the file otherwise."""
+    def load(cls, path: str | Path, experiment: str | None = None) -> "SystemSnapshot":
+        """Read a snapshot written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or Path
+        experiment : str, optional
+            The experiment whose ``bgflow-gate data`` writes the file, for the advice in
+            the error about a snapshot of an older format.
+
+        Raises
+        ------
+        FileNotFoundError
+        ValueError
+            Naming the file: not a snapshot, or one of another format (an older one: write
+            it again with ``bgflow-gate data --experiment NAME`` where OpenMM is installed).
+        """
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
             raise ValueError(f"{path} is not a system snapshot ({' '.join(str(err).split())[:100]})") from None
-        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{path} is not a system snapshot of format {SNAPSHOT_FORMAT!r}")
-        arrays = {k: state[k].numpy() for k in ("z_matrix", "rigid_block", "positions")}
-        return cls(state["solvent"], energy=state["energy"], **arrays)
+        _check_format(state, path, experiment)
+        arrays = {k: state[k].numpy() for k in _ARRAYS}
+        physical = PhysicalInputs(**{k: state[f"physical_{k}"].numpy() for k in _PHYSICAL})
+        return cls(state["solvent"], energy=state["energy"], physical=physical, **arrays)
+
+
+def _check_format(state, path, experiment: str | None) -> None:
+    """A ``ValueError`` unless ``state`` (a loaded file) is a snapshot of :data:`SNAPSHOT_FORMAT`."""
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == SNAPSHOT_FORMAT:
+        return
+    name, _, version = str(found).rpartition("/")
+    if name != _FORMAT_NAME:
+        raise ValueError(f"{path} is not a system snapshot of format {SNAPSHOT_FORMAT!r}")
+    if version.isdigit() and int(version) > int(SNAPSHOT_FORMAT.rsplit("/", 1)[1]):
+        raise ValueError(f"{path} was written by a newer bgflow-gate (format {found!r}; this one reads "
+                         f"{SNAPSHOT_FORMAT!r}); update bgflow-gate")
+    raise ValueError(f"{path} was written by an older bgflow-gate (format {found!r}, without the physical "
+                     f"generator's inputs; this one reads {SNAPSHOT_FORMAT!r}); write it again with "
+                     f"'bgflow-gate data --experiment {experiment or 'NAME'}' where OpenMM is installed")
 
 
 def load_offline_dataset(settings: ReplicaExchangeSettings, cache_dir: str | Path, energy: TorchEnergy,
