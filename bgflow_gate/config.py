@@ -334,6 +334,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "kl_lr_floor": None,
     "mixed_lr_floor": None,
     "nll_patience": None,
+    "rollback_tolerance": None,
     "w_likelihood": 0.9,
     "w_energy": 0.1,
     "skip_policy": "drop",
@@ -369,7 +370,8 @@ def _positive(value: Any, key: str, what: str) -> float:
 
 
 #: Settings that may be null (meaning: one pass over the data per epoch; no clipping).
-_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces", "kl_lr_floor", "mixed_lr_floor", "nll_patience")
+_NULLABLE = ("iters_per_epoch", "max_grad_norm", "clip_forces", "kl_lr_floor", "mixed_lr_floor", "nll_patience",
+             "rollback_tolerance")
 
 
 def _checked(section: Mapping, defaults: Mapping, checks: Mapping, prefix: str, where: str) -> dict[str, Any]:
@@ -429,6 +431,7 @@ def _training(section: Mapping, prefix: str, where: str) -> dict[str, Any]:
         "kl_lr_floor": lambda v, k: _floor(v, k),
         "mixed_lr_floor": lambda v, k: _floor(v, k),
         "nll_patience": lambda v, k: check_whole(v, k, 1),
+        "rollback_tolerance": lambda v, k: _positive(v, k, "KL-loss rise in kT"),
         "w_likelihood": check_fraction,
         "w_energy": check_fraction,
         "skip_policy": lambda v, k: _choice(v, k, tuple(SKIP_POLICIES)),

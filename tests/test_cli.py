@@ -165,7 +165,7 @@ def test_unknown_experiment_is_an_error_listing_available_ones(capsys):
         capsys,
         ["schedule", "--experiment", "nope", "--config", REPO_CONFIG],
         "no experiment named 'nope'",
-        "available: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_kl, default, legacy_linear, lenient",
+        "available: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_is, aa_vacuum_kl, default, legacy_linear, lenient",
     )
 
 

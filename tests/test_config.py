@@ -16,7 +16,8 @@ from bgflow_gate.config import (
 from bgflow_gate.schedules import ConstantSchedule, LinearSchedule, ThreeStageSchedule
 
 REPO_CONFIG = Path(__file__).parents[1] / "bgflow_gate" / "experiments.yaml"
-REPO_EXPERIMENTS = {"default", "legacy_linear", "lenient", "smoke", "aa_300_450_cpu", "aa_300_450_gpu", "aa_vacuum_kl"}
+REPO_EXPERIMENTS = {"default", "legacy_linear", "lenient", "smoke", "aa_300_450_cpu", "aa_300_450_gpu", "aa_vacuum_kl",
+                    "aa_vacuum_is"}
 
 
 def write(tmp_path, text, name="experiments.yaml"):
@@ -188,7 +189,7 @@ def test_experiment_that_is_not_a_mapping_raises_config_error_naming_it(tmp_path
 
 def test_unknown_experiment_raises_listing_available_ones():
     experiments = load_experiments(REPO_CONFIG)
-    with pytest.raises(ConfigError, match="no experiment named 'nope'; available: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_kl, default, legacy_linear"):
+    with pytest.raises(ConfigError, match="no experiment named 'nope'; available: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_is, aa_vacuum_kl, default, legacy_linear"):
         gate_settings(experiments, "nope")
 
 

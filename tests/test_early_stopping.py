@@ -10,7 +10,7 @@ import torch
 
 from bgflow_gate import ProgressiveKLTrainer
 from bgflow_gate.targets import generator_target
-from bgflow_gate.training import EarlyStopping
+from bgflow_gate.training import EarlyStopping, RollbackOnRise
 from bgflow_gate.systems.toy import steep_well_generator
 
 
@@ -118,3 +118,54 @@ def test_early_stopping_on_a_trainer_keeps_the_epoch_with_the_lowest_held_out_nl
     stopper.restore(gen)
     assert stopper.held_out_nll(gen) == pytest.approx(stopper.best, rel=1e-6)
     assert math.isfinite(stopper.best)
+
+
+# -- RollbackOnRise ----------------------------------------------------------------------
+
+
+def rollback_run(rollback, losses):
+    """A steep-well trainer whose epoch records carry the scripted KL losses; the flow's shift
+    is set to the epoch number before each callback, so it shows which epoch's weights are back."""
+    gen = steep_well_generator()
+    trainer = FakeTrainer(gen)
+    trainer.optim = torch.optim.Adam(gen.parameters(), lr=0.1)
+    records = []
+    for epoch, loss in enumerate(losses):
+        with torch.no_grad():
+            gen.flow.shift.fill_(float(epoch))
+        trainer.optim.param_groups[0]["lr"] = 0.1 / (epoch + 1)
+        records.append({"epoch": epoch, "kll": loss, "actions": []})
+        assert rollback(trainer, records[-1]) is True
+    return gen, trainer, records
+
+
+def test_a_rise_beyond_the_tolerance_puts_the_best_epoch_back_and_keeps_the_rate():
+    rollback = RollbackOnRise(tolerance=1.0)
+    gen, trainer, records = rollback_run(rollback, [290.0, 284.0, 283.5, 284.2, 288.0])
+    assert rollback.rollbacks == 1 and (rollback.best, rollback.best_epoch) == (283.5, 2)
+    assert gen.flow.shift.unique().tolist() == [2.0]  # epoch 2's weights
+    assert trainer.optim.param_groups[0]["lr"] == pytest.approx(0.1 / 5)  # the schedule's rate of epoch 4
+    assert records[3]["actions"] == [] and records[4]["actions"] == [
+        "rolled back to epoch 2: KL loss 288 > best 283.5 + 1"]
+
+
+def test_epochs_before_the_start_and_non_finite_losses_are_not_compared():
+    rollback = RollbackOnRise(tolerance=0.5, start_epoch=2)
+    gen, _, _ = rollback_run(rollback, [100.0, 101.0, 300.0, math.nan, 310.0])
+    assert (rollback.best, rollback.best_epoch, rollback.rollbacks) == (300.0, 2, 1)
+    assert gen.flow.shift.unique().tolist() == [2.0]
+
+
+def test_the_best_state_of_a_rollback_survives_a_resume(tmp_path):
+    first = RollbackOnRise(tolerance=1.0, path=tmp_path / "best.pt")
+    rollback_run(first, [290.0, 283.0])
+    again = RollbackOnRise(tolerance=1.0, path=tmp_path / "best.pt")
+    assert (again.best, again.best_epoch) == (283.0, 1)
+    gen, _, _ = rollback_run(again, [295.0])
+    assert again.rollbacks == 1 and gen.flow.shift.unique().tolist() == [1.0]
+
+
+@pytest.mark.parametrize("tolerance", [0, -1.0, True, "1"])
+def test_the_tolerance_must_be_a_positive_number(tolerance):
+    with pytest.raises(ValueError, match="tolerance must be a positive number"):
+        RollbackOnRise(tolerance)

@@ -155,8 +155,10 @@ def test_bad_route_model_and_backend_settings_are_errors_that_name_the_key(tmp_p
 def test_a_run_begun_before_routes_and_backends_resumes_once_it_asks_for_openmm(tmp_path):
     from bgflow_gate.pipeline import _changed_settings
 
-    wanted = {"model": {"kind": "spline", "rotors": "all", "hidden": 8}, "energy": {"backend": "auto"},
-              "training": {"route": "nll_then_mixed", "kl_epochs": 400, "kl_lr_floor": None}}
+    wanted = {"model": {"kind": "spline", "rotors": "all", "hidden": 8, "rest_spline_bins": 0},
+              "energy": {"backend": "auto"},
+              "training": {"route": "nll_then_mixed", "kl_epochs": 400, "kl_lr_floor": None, "mixed_lr_floor": None,
+                           "nll_patience": None, "rollback_tolerance": None}}
     stored = {"model": {"hidden": 8}, "energy": {}, "training": {}}
     assert _changed_settings(stored, wanted) == ["energy.backend: 'openmm' in the run, 'auto' now"]
     assert _changed_settings(stored, {**wanted, "energy": {"backend": "openmm"}}) == []

@@ -357,3 +357,47 @@ def test_by_default_the_mixed_stage_and_the_evaluation_use_the_torch_energy_and_
     assert summary["route"] == "nll_then_mixed"
     assert summary["energy"]["target"] == ("energy: torch (TorchEnergy on the run's device; energy.backend auto, "
                                            "and TorchEnergy supports every force of this system)")
+
+
+@pytest.mark.slow
+def test_nll_patience_stops_the_nll_stage_and_keeps_its_best_epoch(config, data_dir, tmp_path, monkeypatch):
+    from bgflow_gate.training import EarlyStopping
+
+    script, weights = iter([3.0, 2.0, 2.5, 2.7, 1.0, 1.0]), []
+
+    def scripted(self, generator):
+        weights.append({k: v.clone() for k, v in generator.flow.state_dict().items()})
+        return next(script)
+
+    monkeypatch.setattr(EarlyStopping, "held_out_nll", scripted)
+    settings = settings_of(config, training={"nll_epochs": 6, "nll_patience": 2, "mixed_epochs": 2,
+                                             "mixed_lr_floor": 0.1})
+    out, lines = tmp_path / "stopped", []
+    summary = train_experiment(settings, out, data_dir=data_dir, progress=False, log=lines.append)
+    assert summary["stages"]["nll"]["epochs"] == 4  # best after epoch 1 (of 0..), two more without
+    assert any("[nll] kept epoch 2 (test NLL 2.000; 4 epochs trained, patience 2)" in line for line in lines)
+    kept = torch.load(out / "models" / "nll.pt")
+    assert all(torch.equal(kept[k], weights[1][k]) for k in kept)
+    lrs = {stage: read_history(out / f"history_{stage}.csv")["lr"] for stage in ("control", "mixed")}
+    assert lrs["control"].tolist() == lrs["mixed"].tolist()
+    assert lrs["mixed"][-1] < lrs["mixed"][0] <= settings["training"]["mixed_lr"]
+
+
+@pytest.mark.slow
+def test_rollback_tolerance_rolls_a_gated_stage_back_and_the_log_and_progress_say_so(config, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    from bgflow_gate.training import RollbackOnRise
+
+    original, losses = RollbackOnRise.__call__, iter([9.0, 9.0, 5.0, 4.0, 9.0])
+
+    def scripted(self, trainer, record):
+        record["kll"] = next(losses)
+        return original(self, trainer, record)
+
+    monkeypatch.setattr(RollbackOnRise, "__call__", scripted)
+    settings = settings_of(config, training={"mixed_epochs": 5, "rollback_tolerance": 1.0})
+    out, lines = tmp_path / "rolled", []
+    summary = train_experiment(settings, out, data_dir=data_dir, progress=False, log=lines.append)
+    assert "[mixed] rolled back to epoch 3: KL loss 9 > best 4 + 1" in lines  # epochs 0-1: the gate's warm-up
+    assert summary["stages"]["mixed"]["actions"] == ["rolled back to epoch 3: KL loss 9 > best 4 + 1"]
+    assert "actions" not in summary["stages"]["control"]

@@ -26,7 +26,7 @@ def settings(tmp_path, body: str, **kwargs):
     return run_settings(load_experiments(path), "exp", source=str(path), cuda_available=False, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu", "aa_vacuum_kl"])
+@pytest.mark.parametrize("name", ["smoke", "aa_300_450_cpu", "aa_300_450_gpu", "aa_vacuum_kl", "aa_vacuum_is"])
 def test_every_repository_experiment_validates(name):
     s = run_settings(load_experiments(REPO_CONFIG), name, cuda_available=True)
     assert s["name"] == name
@@ -103,7 +103,7 @@ def test_train_and_data_refuse_a_schedule_preset_saying_what_it_is_for(name):
 
     experiments = load_experiments(REPO_CONFIG)
     message = rf"'{name}' is a schedule preset, not an experiment to train: .*bgflow-gate schedule --experiment {name}"
-    with pytest.raises(ConfigError, match=message + ".*experiments: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_kl, smoke$"):
+    with pytest.raises(ConfigError, match=message + ".*experiments: aa_300_450_cpu, aa_300_450_gpu, aa_vacuum_is, aa_vacuum_kl, smoke$"):
         run_settings(experiments, name, cuda_available=True)
     with pytest.raises(ConfigError, match="is a schedule preset, not an experiment to generate data for"):
         data_settings(experiments, name)
@@ -113,6 +113,16 @@ def test_train_and_data_refuse_a_schedule_preset_saying_what_it_is_for(name):
 def test_an_unknown_kind_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"exp.kind must be 'experiment' or 'schedule_preset', got 'preset'"):
         settings(tmp_path, "kind: preset\n")
+
+
+def test_aa_vacuum_is_trains_the_physical_flow_with_early_stopping_then_the_gated_mixed_stage():
+    s = run_settings(load_experiments(REPO_CONFIG), "aa_vacuum_is", cuda_available=False)
+    assert s["training"]["route"] == "nll_then_mixed" and s["model"]["kind"] == "physical"
+    t = s["training"]
+    assert (t["nll_patience"], t["batch_size"], t["w_energy"], t["mixed_lr_floor"], t["rollback_tolerance"]) == (
+        4, 512, 0.9, 0.1, 0.5)
+    assert s["evaluation"]["n_samples"] >= 100_000 and s["energy"]["backend"] == "torch"
+    assert s["data"].n_iterations == 40_000  # frames kept at 300 K
 
 
 def test_aa_vacuum_kl_trains_the_physical_flow_by_reverse_kl_alone_on_the_torch_energy():

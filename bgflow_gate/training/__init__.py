@@ -12,12 +12,12 @@ module             what it holds
 ``warmup``         :class:`LinearWarmup` of the learning rate
 ``checkpoint``     checkpoint files and random states
 ``batches``        :class:`TensorBatches`: resumable batches of tensor data
-``early_stopping`` :class:`EarlyStopping` on held-out NLL (an epoch callback)
+``early_stopping`` keeping the best epoch: :class:`EarlyStopping`, :class:`RollbackOnRise`
 =================  ====================================================================
 """
 
 from .batches import TensorBatches
-from .early_stopping import EarlyStopping
+from .early_stopping import EarlyStopping, RollbackOnRise
 from .ledger import HISTORY_KEYS, EpochRecord, write_history
 from .monitor import HealthMonitor, TrainingHealthWarning
 from .policies import SKIP_POLICIES, SkipPolicy
@@ -39,4 +39,5 @@ __all__ = [
     "clip_gradient",
     "TensorBatches",
     "EarlyStopping",
+    "RollbackOnRise",
 ]

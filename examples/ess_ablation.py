@@ -1,0 +1,93 @@
+"""The levers of ``aa_vacuum_is``, one at a time: each variant changes one thing of the
+shipped experiment, trains it through the pipeline and prints what its models reach.
+
+A variant is the experiment ``aa_vacuum_is`` of the shipped experiments file with the
+overrides in :data:`VARIANTS` (section -> key -> value; ``data: aa_300_450_cpu`` takes that
+experiment's whole data section). Each run writes its own run directory under ``--out``
+(``--resume`` continues a killed one); ``--table`` prints the table of every finished run there.
+
+Run::
+
+    python examples/ess_ablation.py --variant less_data [--out runs/ablation] [--resume]
+    python examples/ess_ablation.py --table [--out runs/ablation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from bgflow_gate.config import DEFAULT_CONFIG, load_experiments, run_settings
+from bgflow_gate.pipeline import train_experiment
+
+BASE = "aa_vacuum_is"
+
+#: What each variant changes, and why it is a lever.
+VARIANTS = {
+    "baseline": {},
+    "less_data": {"data": "aa_300_450_cpu"},  # 8,000 frames of 6 replicas 300-700 K (2 ns) instead of 40,000 (4 ns)
+    "no_early_stopping": {"training": {"nll_patience": None}},  # the nll stage runs all its 60 epochs
+    "rest_splines": {"model": {"rest_spline_bins": 8}},  # splines after the affine couplings of bonds/angles
+    "kl_weight_half": {"training": {"w_likelihood": 0.5, "w_energy": 0.5}},
+    "batch_256": {"training": {"batch_size": 256}},
+    "seed_1": {"training": {"seed": 1}},
+}
+
+
+def variant_settings(name: str, config: str | Path = DEFAULT_CONFIG) -> dict:
+    """The run settings of variant ``name``."""
+    experiments = load_experiments(config)
+    experiment = copy.deepcopy(experiments[BASE])
+    for section, change in VARIANTS[name].items():
+        if isinstance(change, str):  # another experiment's whole section
+            experiment[section] = copy.deepcopy(experiments[change][section])
+        else:
+            experiment[section] = {**experiment.get(section, {}), **change}
+    experiments[f"{BASE}.{name}"] = experiment
+    return run_settings(experiments, f"{BASE}.{name}")
+
+
+def row(name: str, summary: dict) -> str:
+    """One table row per model of a finished run: ESS with its interval, dF(phi), energy W1, time."""
+    lines = []
+    for stage, m in summary["metrics"].items():
+        if stage == "md":
+            continue
+        lo, hi = m["ess_percent_ci95"]
+        df = m.get("delta_f_phi_kjmol")
+        df_text = "n/a" if df is None else f"{df:.1f} ± {m.get('delta_f_phi_se_kjmol') or float('nan'):.1f}"
+        w1 = m.get("energy_wasserstein_kjmol")
+        w1_text = "n/a" if w1 is None else f"{w1:.2f}"
+        seconds = summary["stages"].get(stage, {}).get("seconds", float("nan"))
+        lines.append(f"| {name} | {stage} | {m['ess_percent']:.1f} ({lo:.1f}–{hi:.1f}) | {df_text} | {w1_text} | "
+                     f"{m['phi_psi_kl']:.3f} | {seconds / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def table(out: Path) -> str:
+    head = ("| variant | model | ESS % (95 % interval) | ΔF(φ>0 − φ<0) kJ/mol ± se | energy W1 to MD kJ/mol "
+            "| φ/ψ KL | stage minutes |\n|---|---|---|---|---|---|---|")
+    rows = [row(name, json.loads((out / name / "summary.json").read_text()))
+            for name in VARIANTS if (out / name / "summary.json").is_file()]
+    return "\n".join([head, *rows])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--out", default="runs/ablation", help="one run directory per variant below it")
+    p.add_argument("--resume", action="store_true", help="continue the variant's killed run")
+    p.add_argument("--table", action="store_true", help="print the table of the finished variants")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.variant:
+        train_experiment(variant_settings(args.variant), out / args.variant, resume=args.resume, progress=False,
+                         log=lambda line: print(line, flush=True))
+    if args.table or not args.variant:
+        print(table(out))
+
+
+if __name__ == "__main__":
+    main()
