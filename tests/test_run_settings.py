@@ -39,8 +39,8 @@ def test_the_seed_keys_of_the_gpu_experiment_map_onto_the_gate_and_the_lr_warmup
     assert s["use_energy_gating"] is True
     assert s["gate"]["e_cut"] == 500.0
     assert s["gate"]["schedule"].e_final == 1e5  # E_max
-    assert s["training"]["warmup_epochs"] == 50  # learning-rate warm-up
-    assert s["gate"]["schedule"].warmup_epochs == 300  # the gate's own, configurable
+    assert s["training"]["warmup_epochs"] == 1  # learning-rate warm-up
+    assert s["gate"]["schedule"].warmup_epochs == 6  # the gate's own, configurable
     assert s["device"] == "cuda" and s["data"].solvent == "implicit"
     assert experiment_schedule(REPO_CONFIG, "aa_300_450_gpu").e_final == 1e5
 
@@ -141,3 +141,6 @@ def test_aa_300_450_gpu_is_sized_for_one_gpu_with_the_torch_energy():
     assert s["device"] == "cuda" and s["energy"]["backend"] == "torch"
     assert s["training"]["batch_size"] >= 1024 and s["model"]["hidden"] >= 256
     assert s["model"]["n_torsion_layers"] + s["model"]["n_rest_layers"] > 8  # bigger than aa_300_450_cpu's 4 + 4
+    # the recipe of aa_vacuum_is: physical flow, early-stopped NLL, KL-weighted mixed stage with rollback
+    assert s["model"]["kind"] == "physical" and s["training"]["nll_patience"] is not None
+    assert s["training"]["w_energy"] == 0.9 and s["training"]["rollback_tolerance"] == 0.5
