@@ -706,7 +706,8 @@ def _evaluation_line(m: dict[str, Any]) -> str:
     return (
         f"energy W1 to MD {format_number(m['energy_wasserstein_kjmol'], '.3g')} kJ/mol (reweighted), "
         f"{100 * m['beyond_md_energy_p999']:.2f} % beyond MD's 99.9th energy percentile (MD: 0.1 %), "
-        f"ESS {m['ess_percent']:.3g} % (95 % interval {m['ess_percent_ci95'][0]:.3g}-{m['ess_percent_ci95'][1]:.3g}), "
+        f"ESS {m['ess_percent']:.3g} % (95 % interval {m['ess_percent_ci95'][0]:.3g}-{m['ess_percent_ci95'][1]:.3g}; "
+        f"fifths {min(m['ess_percent_blocks']):.3g}-{max(m['ess_percent_blocks']):.3g}), "
         f"dF(phi>0 - phi<0) {format_delta_f(m)} kJ/mol, phi/psi KL {m['phi_psi_kl']:.3f}, "
         f"{100 * m['below_e_cut']:.1f} % below E_cut, median energy {m['energy_median_kjmol']:.4g} kJ/mol"
     )
@@ -729,6 +730,9 @@ SUMMARY_GLOSSARY = {
                          "how many samples from the true distribution the weighted samples are worth",
     "ess_percent": "effective_samples as a percentage of the samples drawn",
     "ess_percent_ci95": "a bootstrap 95 % interval of ess_percent (200 resamplings of the samples)",
+    "ess_percent_blocks": "the ESS in percent of each fifth of the samples (five independent sets); a spread much "
+                          "wider than ess_percent_ci95 means a heavy tail of weights (rare samples with large "
+                          "weights), which the bootstrap cannot see",
     "basins_reweighted": "basin populations after importance reweighting; meaningful only when "
                          "reweighting_reliable is true",
     "delta_f_phi_kjmol": "F(phi > 0) - F(phi < 0) in kJ/mol; for a model: from its reweighted samples, meaningful "

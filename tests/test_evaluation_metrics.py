@@ -244,3 +244,14 @@ def test_the_printed_table_leads_with_the_energy_metrics_and_gives_the_intervals
     assert row.split()[:4] == ["kl", "3.5", "0.74", "%"]
     assert "0.0657 [0.0526, 0.0854]" in row and "11.00 [9.5, inf]*" in row
     assert md_row.split()[0] == "MD" and md_row.endswith("10.80 +- 1.40")
+
+
+def test_the_ess_of_each_fifth_shows_a_rare_large_weight_that_one_block_holds():
+    from bgflow_gate.systems.analysis import ess_percent_blocks, kish_ess
+
+    rng = np.random.default_rng(3)
+    lw = rng.normal(0.0, 0.5, size=10_000)
+    lw[123] = 12.0  # one rare sample with a huge weight, in the first fifth
+    blocks = ess_percent_blocks(lw)
+    assert len(blocks) == 5 and blocks[0] < 1.0 and min(blocks[1:]) > 70.0
+    assert blocks[1] == pytest.approx(100.0 * kish_ess(lw[2000:4000]) / 2000)
