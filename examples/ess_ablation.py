@@ -35,6 +35,7 @@ VARIANTS = {
     "no_rollback": {"training": {"rollback_tolerance": None}},  # the mixed stage keeps whatever it reaches
     "rest_splines": {"model": {"rest_spline_bins": 8}},  # splines after the affine couplings of bonds/angles
     "kl_weight_half": {"training": {"w_likelihood": 0.5, "w_energy": 0.5}},
+    "mixed_lr_low": {"training": {"mixed_lr": 5e-5}},  # a gentler fine-tuning
     "batch_256": {"training": {"batch_size": 256}},
     "seed_1": {"training": {"seed": 1}},
 }
