@@ -120,7 +120,7 @@ def test_aa_vacuum_is_trains_the_physical_flow_with_early_stopping_then_the_gate
     assert s["training"]["route"] == "nll_then_mixed" and s["model"]["kind"] == "physical"
     t = s["training"]
     assert (t["nll_patience"], t["batch_size"], t["w_energy"], t["mixed_lr_floor"], t["rollback_tolerance"]) == (
-        4, 512, 0.9, 0.1, 0.5)
+        4, 512, 0.5, 0.1, 0.5)
     assert s["evaluation"]["n_samples"] >= 100_000 and s["energy"]["backend"] == "torch"
     assert s["data"].n_iterations == 40_000  # frames kept at 300 K
 
@@ -143,4 +143,4 @@ def test_aa_300_450_gpu_is_sized_for_one_gpu_with_the_torch_energy():
     assert s["model"]["n_torsion_layers"] + s["model"]["n_rest_layers"] > 8  # bigger than aa_300_450_cpu's 4 + 4
     # the recipe of aa_vacuum_is: physical flow, early-stopped NLL, KL-weighted mixed stage with rollback
     assert s["model"]["kind"] == "physical" and s["training"]["nll_patience"] is not None
-    assert s["training"]["w_energy"] == 0.9 and s["training"]["rollback_tolerance"] == 0.5
+    assert s["training"]["w_energy"] == 0.5 and s["training"]["rollback_tolerance"] == 0.5
