@@ -302,13 +302,11 @@ def sample_metrics(
     Parameters
     ----------
     x : torch.Tensor
-        Samples ``[n, 66]`` (nm).
+        Samples ``[n, 66]`` (nm); ``reference``: MD test frames.
     energies : numpy.ndarray
         Their energies in kJ/mol (non-finite: a failed evaluation).
     log_weights : numpy.ndarray
         Their log importance weights ``-u(x) - log q(x)`` (up to a constant).
-    reference : torch.Tensor
-        MD test frames.
     kt : float
         kT in kJ/mol at the target's temperature.
     e_cut : float
@@ -325,7 +323,8 @@ def sample_metrics(
         energies to MD's), ``beyond_md_energy_p999`` (unweighted fraction above MD's 99.9th
         energy percentile; MD itself: 0.001), ``below_e_cut`` (non-finite energies count as
         above), ``energy_median_kjmol``; ``phi_psi_kl``; ``effective_samples`` (Kish),
-        ``ess_percent`` (of ``samples``), ``ess_percent_ci95`` (bootstrap); ``basins``,
+        ``ess_percent`` (of ``samples``), ``ess_percent_ci95`` (bootstrap),
+        ``ess_percent_blocks`` (:func:`ess_percent_blocks`); ``basins``,
         ``basins_reweighted``; ``delta_f_phi_kjmol`` (reweighted; ``None`` if a side is empty)
         with ``delta_f_phi_ci95_kjmol`` and ``delta_f_phi_se_kjmol`` (:func:`delta_f_bootstrap`);
         ``reweighting_reliable`` (at least :data:`RELIABLE_EFFECTIVE_SAMPLES` effective samples).
@@ -338,8 +337,8 @@ def sample_metrics(
         "phi_psi_kl": phi_psi_kl(x, reference, bins=bins),
         "effective_samples": ess,
         "ess_percent": 100.0 * ess / len(energies),
-        "ess_percent_ci95": ess_percent_interval(log_weights),  # bootstrap 95 % interval
-        "ess_percent_blocks": ess_percent_blocks(log_weights),  # five independent sets
+        "ess_percent_ci95": ess_percent_interval(log_weights),
+        "ess_percent_blocks": ess_percent_blocks(log_weights),
         "basins": basin_fractions(phi, psi),
         **_reweighted(phi, psi, w, kt),
         "reweighting_reliable": bool(ess >= RELIABLE_EFFECTIVE_SAMPLES),
