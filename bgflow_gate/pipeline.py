@@ -123,7 +123,7 @@ class RunDirectory:
         return bool(done) or any(p.name not in _RESTARTABLE for p in self.root.iterdir())
 
     def best_model(self, stage: str) -> Path:
-        """The best weights of ``stage`` so far by test NLL (early stopping)."""
+        """The best weights of ``stage`` so far (early stopping: by test NLL; rollback: by KL loss)."""
         return self.root / "checkpoints" / f"{stage}_best.pt"
 
     def model(self, stage: str) -> Path:

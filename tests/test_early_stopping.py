@@ -169,3 +169,23 @@ def test_the_best_state_of_a_rollback_survives_a_resume(tmp_path):
 def test_the_tolerance_must_be_a_positive_number(tolerance):
     with pytest.raises(ValueError, match="tolerance must be a positive number"):
         RollbackOnRise(tolerance)
+
+
+def test_after_a_rollback_the_trainer_writes_its_epoch_checkpoint_again(tmp_path):
+    written = []
+
+    class CheckpointingTrainer(FakeTrainer):
+        checkpoint_path, checkpoint_every = tmp_path / "stage.pt", 1
+
+        def save_checkpoint(self, path):
+            written.append((path, self.bg.flow.shift.unique().tolist()))
+
+    gen = steep_well_generator()
+    trainer = CheckpointingTrainer(gen)
+    trainer.optim = torch.optim.Adam(gen.parameters(), lr=0.1)
+    rollback = RollbackOnRise(tolerance=1.0)
+    for epoch, loss in enumerate([284.0, 283.0, 283.5, 290.0]):
+        with torch.no_grad():
+            gen.flow.shift.fill_(float(epoch))
+        rollback(trainer, {"epoch": epoch, "kll": loss, "actions": []})
+    assert written == [(tmp_path / "stage.pt", [1.0])]  # once, with epoch 1's weights back

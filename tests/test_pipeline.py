@@ -401,3 +401,36 @@ def test_rollback_tolerance_rolls_a_gated_stage_back_and_the_log_and_progress_sa
     assert "[mixed] rolled back to epoch 3: KL loss 9 > best 4 + 1" in lines  # epochs 0-1: the gate's warm-up
     assert summary["stages"]["mixed"]["actions"] == ["rolled back to epoch 3: KL loss 9 > best 4 + 1"]
     assert "actions" not in summary["stages"]["control"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_right_after_a_rollback_resumes_to_the_weights_put_back(config, data_dir, tmp_path, monkeypatch):
+    from bgflow_gate.training import RollbackOnRise
+
+    original_call, original_train = RollbackOnRise.__call__, ProgressiveKLTrainer.train
+    script = {}
+
+    def scripted(self, trainer, record):
+        record["kll"] = script["losses"][record["epoch"]]
+        return original_call(self, trainer, record)
+
+    def kill_after_rollback(trainer, record):
+        if record["actions"] and trainer.gate is not None:
+            raise KeyboardInterrupt
+
+    def train_and_kill(self, *args, on_epoch_end=(), **kwargs):
+        return original_train(self, *args, on_epoch_end=[*on_epoch_end, kill_after_rollback], **kwargs)
+
+    monkeypatch.setattr(RollbackOnRise, "__call__", scripted)
+    settings = settings_of(config, training={"mixed_epochs": 5, "rollback_tolerance": 1.0})
+    script["losses"] = [9.0, 9.0, 5.0, 4.0, 9.0]
+    reference = tmp_path / "whole"
+    train_experiment(settings, reference, data_dir=data_dir, progress=False, log=lambda _: None)
+    monkeypatch.setattr(ProgressiveKLTrainer, "train", train_and_kill)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_experiment(settings, killed, data_dir=data_dir, progress=False, log=lambda _: None)
+    monkeypatch.setattr(ProgressiveKLTrainer, "train", original_train)
+    train_experiment(settings, killed, data_dir=data_dir, resume=True, progress=False, log=lambda _: None)
+    got, want = torch.load(killed / "models" / "mixed.pt"), torch.load(reference / "models" / "mixed.pt")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -114,7 +114,8 @@ class RollbackOnRise(_BestEpoch):
     path, write
         As in :class:`EarlyStopping`.
 
-    A rollback is noted in the epoch's record (``actions``) and counted in ``rollbacks``.
+    A rollback is noted in the epoch's record (``actions``), counted in ``rollbacks`` and, when
+    the trainer keeps checkpoints, written into the epoch's checkpoint again.
     """
 
     def __init__(self, tolerance: float, start_epoch: int = 0, path: str | Path | None = None, write: bool = True):
@@ -138,7 +139,16 @@ class RollbackOnRise(_BestEpoch):
             self.rollbacks += 1
             record["actions"].append(f"rolled back to epoch {self.best_epoch}: KL loss {value:.4g} > best "
                                      f"{self.best:.4g} + {self.tolerance:g}")
+            _checkpoint_again(trainer)
         return True
+
+
+def _checkpoint_again(trainer) -> None:
+    """The trainer wrote its epoch checkpoint before the callbacks ran; after a rollback it is
+    written again, so a resumed run continues from the weights put back."""
+    path = getattr(trainer, "checkpoint_path", None)
+    if path is not None and getattr(trainer, "checkpoint_every", None):
+        trainer.save_checkpoint(path)
 
 
 def _bare(flow):
