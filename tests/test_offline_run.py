@@ -68,15 +68,21 @@ def test_data_writes_a_snapshot_whose_torch_energy_matches_the_stored_energies(c
     assert np.abs(energy - dataset["energies"][:5]).max() < 1e-2
 
 
-@pytest.mark.slow
-def test_train_runs_from_the_cache_without_openmm(cache):
-    out = cache / "run"
-    argv = ["train", "--experiment", "tiny", "--config", str(cache / "experiments.yaml"), "--data-dir",
+def train_offline(cache, experiment: str, out) -> dict:
+    """``bgflow-gate train`` of ``experiment`` with OpenMM hidden; its summary, after checking
+    that it ran and trained on the snapshot's TorchEnergy."""
+    argv = ["train", "--experiment", experiment, "--config", str(cache / "experiments.yaml"), "--data-dir",
             str(cache / "data"), "--out", str(out), "--quiet"]
     done = subprocess.run([sys.executable, "-c", WITHOUT_OPENMM, *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["energy"]["target"].startswith("energy: torch (OpenMM does not import here: TorchEnergy from")
+    return summary
+
+
+@pytest.mark.slow
+def test_train_runs_from_the_cache_without_openmm(cache):
+    summary = train_offline(cache, "tiny", cache / "run")
     assert set(summary["metrics"]) == {"md", "nll", "control", "mixed"}
 
 
@@ -139,11 +145,5 @@ def test_a_snapshot_of_the_older_format_says_to_write_it_again(cache, tmp_path):
 
 @pytest.mark.slow
 def test_the_physical_generator_trains_from_the_cache_without_openmm(cache):
-    out = cache / "run_kl"
-    argv = ["train", "--experiment", "tiny_kl", "--config", str(cache / "experiments.yaml"), "--data-dir",
-            str(cache / "data"), "--out", str(out), "--quiet"]
-    done = subprocess.run([sys.executable, "-c", WITHOUT_OPENMM, *argv], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["energy"]["target"].startswith("energy: torch (OpenMM does not import here: TorchEnergy from")
+    summary = train_offline(cache, "tiny_kl", cache / "run_kl")
     assert summary["route"] == "kl_only" and set(summary["metrics"]) == {"md", "kl"}
