@@ -604,7 +604,7 @@ def _train_stage(stage: str, ctx: RunContext, run: RunDirectory, log: Callable[[
         log(f"[{stage}] resumed from {path} at epoch {len(trainer.history)}")
     stopping, rollback = _early_stopping(stage, ctx, run), _rollback(stage, trainer, ctx, run)
     remaining = n_epochs - len(trainer.history)
-    if remaining > 0 and not (stopping and len(trainer.history) - 1 - stopping.best_epoch >= stopping.patience):
+    if remaining > 0 and not (stopping and stopping.exhausted(len(trainer.history) - 1)):
         trainer.train(
             n_epochs=remaining, data=ctx.train, batchsize=t["batch_size"],
             schedulers=_lr_schedulers(stage, trainer, t, n_epochs),

@@ -92,7 +92,12 @@ class EarlyStopping(_BestEpoch):
     def __call__(self, trainer, record: dict) -> bool:
         """Measure after epoch ``record["epoch"]``; ``False`` (stop) ``patience`` epochs after the best."""
         self.offer(self.held_out_nll(trainer.bg), record["epoch"], lambda: _flow_state(trainer.bg))
-        return record["epoch"] - self.best_epoch < self.patience
+        return not self.exhausted(record["epoch"])
+
+    def exhausted(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` lies ``patience`` or more epochs after the best (a resumed
+        training that already got there trains no further)."""
+        return epoch - self.best_epoch >= self.patience
 
     def restore(self, generator) -> None:
         """Load the best weights into ``generator``'s flow (nothing if nothing was measured)."""
