@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/bench_trainer.py
     python benchmarks/bench_trainer.py --dim 66 --blocks 8 --batch 512 --device cuda
+    python benchmarks/bench_trainer.py --device cuda --profile 10   # also where the time goes
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N iterations of each trainer and print its costliest operations")
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.simplefilter("ignore", TrainingHealthWarning)
@@ -79,6 +82,26 @@ def main() -> None:
     for name, seconds in best.items():
         print(f"  {name:<22} {1e3 * seconds:8.2f} ms / iteration")
     print(f"  overhead               {100 * (progressive / plain - 1):+8.1f} %  (ratio {progressive / plain:.3f})")
+    if args.profile:
+        for name, trainer in trainers.items():
+            profile(name, lambda: trainer.train(args.profile, data=data, batchsize=args.batch, w_energy=0.1), device)
+
+
+def profile(name: str, run, device: torch.device, rows: int = 12) -> None:
+    """Print the operations of ``run()`` that cost the most (device time on a GPU, else CPU time)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key == "cudaLaunchKernel") if device.type == "cuda" else None
+    print(f"\n{name}: the {rows} costliest operations"
+          + ("" if launches is None else f" ({launches} kernel launches)"))
+    print(events.table(sort_by=key, row_limit=rows))
 
 
 if __name__ == "__main__":

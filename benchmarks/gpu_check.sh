@@ -5,7 +5,9 @@
 #   2. the torch-energy benchmark (batch 256 ... 65,536, float32 and float64),
 #   3. the gate and trainer benchmarks,
 #   4. a shortened aa_300_450_gpu experiment (the pipeline's torch energy from the cached
-#      system snapshot and data; skipped unless `make_gpu_cache.py --experiment` wrote them).
+#      system snapshot and data; skipped unless `make_gpu_cache.py --experiment` wrote them);
+#   5. with --full NAME: the packaged experiment NAME, unshortened, on the device (its data
+#      from `make_gpu_cache.py --full NAME`; time limit --full-limit seconds, default 400).
 #
 # What it needs travels in gpu_cache/ (git-ignored; write it here with
 # `python benchmarks/make_gpu_cache.py`, where OpenMM is installed, and carry "gpu_cache").
@@ -14,14 +16,19 @@
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine
 #   bash benchmarks/gpu_check.sh --device cpu     # a dry run here (smaller batches; the
 #                                                 # experiment takes minutes on 2 cores)
+#   bash benchmarks/gpu_check.sh --full aa_vacuum_is   # steps 1-4, then aa_vacuum_is in full
 # Logs go to $OUT (the device machine's output folder) or ./gpu_check_out.
 
 set -uo pipefail
 DEVICE=cuda
+FULL=""
+FULL_LIMIT=400
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
-        *) echo "unknown argument $1 (usage: gpu_check.sh [--device cuda|cpu])"; exit 2 ;;
+        --full) FULL="$2"; shift 2 ;;
+        --full-limit) FULL_LIMIT="$2"; shift 2 ;;
+        *) echo "unknown argument $1 (usage: gpu_check.sh [--device cuda|cpu] [--full NAME [--full-limit SECONDS]])"; exit 2 ;;
     esac
 done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,7 +70,7 @@ fi
 step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
 step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
 step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
-step bench_trainer 45 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2
+step bench_trainer 75 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
 if [ -f "$CACHE/experiments.yaml" ]; then
     RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
     step aa_300_450_gpu "$EXPERIMENT_LIMIT" "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
@@ -71,6 +78,12 @@ if [ -f "$CACHE/experiments.yaml" ]; then
     cp "$RUN/summary.json" "$LOGS/aa_300_450_gpu_summary.json" 2>/dev/null
 else
     echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (make_gpu_cache.py --experiment writes it)"
+fi
+if [ -n "$FULL" ]; then
+    RUN="$(mktemp -d)/$FULL"
+    step "$FULL" "$FULL_LIMIT" "$PY" -m bgflow_gate.cli train --experiment "$FULL" --device "$DEVICE" \
+        --data-dir "$CACHE/data" --out "$RUN"
+    cp "$RUN/summary.json" "$LOGS/${FULL}_summary.json" 2>/dev/null
 fi
 echo "=== done in $(( SECONDS - START )) s; $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'some step FAILED')"
 exit $FAILED

@@ -10,11 +10,14 @@ GPU run carries:
 * ``wheels/``: pure-Python wheels of the package's imports that the GPU image lacks (zuko);
 * with ``--experiment``: ``experiments.yaml`` (the packaged experiments, ``aa_300_450_gpu``
   shortened: :data:`SHORT_GPU_RUN`) and its replica-exchange data with the system snapshot in
-  ``data/`` (``bgflow-gate data``, minutes here), so the GPU run can train it without OpenMM.
+  ``data/`` (``bgflow-gate data``, minutes here), so the GPU run can train it without OpenMM;
+* with ``--full NAME``: the data and system snapshot of the packaged experiment ``NAME`` in
+  ``data/``, unshortened (copied from the default data cache when it is there, otherwise
+  generated: ``aa_vacuum_is`` takes ~15 minutes here), for ``gpu_check.sh --full NAME``.
 
 Usage::
 
-    python benchmarks/make_gpu_cache.py [--out gpu_cache] [--experiment]
+    python benchmarks/make_gpu_cache.py [--out gpu_cache] [--experiment] [--full aa_vacuum_is]
 """
 
 from __future__ import annotations
@@ -89,11 +92,30 @@ def write_short_experiment(out: Path) -> None:
     print(f"wrote {out / 'experiments.yaml'} and the data of the shortened aa_300_450_gpu into {out / 'data'}")
 
 
+def write_full_experiment(name: str, out: Path) -> None:
+    """The data of the packaged experiment ``name`` and its system snapshot in ``out / "data"``."""
+    import shutil
+
+    from bgflow_gate.config import DEFAULT_CONFIG, load_experiments, run_settings
+    from bgflow_gate.systems.data import default_data_dir
+
+    settings = run_settings(load_experiments(DEFAULT_CONFIG), name, cuda_available=True)["data"]
+    data = out / "data"
+    data.mkdir(exist_ok=True)
+    file = f"alanine_{settings.solvent}_{settings.key}.npz"
+    if (default_data_dir() / file).is_file() and not (data / file).is_file():
+        shutil.copy2(default_data_dir() / file, data / file)
+    command = [sys.executable, "-m", "bgflow_gate.cli", "data", "--experiment", name, "--data-dir", str(data)]
+    subprocess.run(command, check=True)
+    print(f"wrote the data of {name} into {data}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "gpu_cache")
     parser.add_argument("--no-wheels", action="store_true", help="skip downloading the wheels")
     parser.add_argument("--experiment", action="store_true", help="also the shortened aa_300_450_gpu and its data")
+    parser.add_argument("--full", metavar="NAME", help="also the data of the packaged experiment NAME, unshortened")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for solvent in SOLVENTS:
@@ -102,6 +124,8 @@ def main() -> None:
         download_wheels(args.out)
     if args.experiment:
         write_short_experiment(args.out)
+    if args.full:
+        write_full_experiment(args.full, args.out)
 
 
 if __name__ == "__main__":

@@ -576,3 +576,47 @@ def test_a_target_that_accepts_non_finite_coordinates_gets_the_whole_batch_and_t
     assert Tolerant.seen == [3]  # no split, no host read
     assert gate.last_reasons.tolist() == [GateReason.KEPT, GateReason.NONFINITE_COORDINATES, GateReason.KEPT]
     assert torch.isfinite(out).all() and x.grad[1].tolist() == [0.0, 0.0]
+
+
+def test_gate_reasons_codes_every_kind_of_sample_in_one_pass():
+    from bgflow_gate.gate import gate_reasons
+
+    u = torch.tensor([1.0, 2e4, NAN, INF, -INF, 5.0, 6.0, -1e30])
+    coords = torch.tensor([True, True, True, True, True, False, True, True])
+    errors = torch.tensor([False] * 6 + [True, False])
+    reasons = gate_reasons(u, 1e4, coords, errors).tolist()
+    assert reasons == [GateReason.KEPT, GateReason.OVER_E_MAX, GateReason.NONFINITE_ENERGY,
+                       GateReason.NONFINITE_ENERGY, GateReason.NONFINITE_ENERGY,
+                       GateReason.NONFINITE_COORDINATES, GateReason.TARGET_ERROR, GateReason.KEPT]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_samples_finds_nan_and_inf_rows_without_overflowing(dtype):
+    from bgflow_gate.guard import finite_samples
+
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, big, big], [0.0, NAN, 0.0], [-INF, 1.0, 2.0], [1.0, 2.0, 3.0]], dtype=dtype)
+    y = torch.tensor([[0.0], [0.0], [0.0], [INF]], dtype=dtype)
+    assert finite_samples([x]).tolist() == [True, False, False, True]
+    assert finite_samples([x, y]).tolist() == [True, False, False, False]
+
+
+def test_the_gates_written_out_gradient_is_autograds_gradient_of_the_soft_cut():
+    u = torch.tensor([-50.0, 0.0, 9.0, 10.0, 11.0, 500.0, 2e4, NAN], dtype=torch.float64, requires_grad=True)
+    out = fixed_gate(e_max=1e4, e_cut=10.0).energy(u[:, None])[:, 0]
+    out.sum().backward()
+    kept = u.detach()[:-2].clone().requires_grad_(True)
+    reference = soft_cut(kept, 10.0)
+    expected_grad, = torch.autograd.grad(reference.sum(), kept)
+    assert torch.equal(out[:-2].detach(), reference.detach())
+    assert torch.allclose(u.grad[:-2], expected_grad, rtol=1e-15, atol=0)
+    assert u.grad[-2:].tolist() == [0.0, 0.0]  # gated (over E_max, NaN): no gradient, no NaN
+    assert out[-2:].tolist() == [soft_cut(torch.tensor(1e4, dtype=torch.float64), 10.0).item()] * 2
+
+
+def test_the_gates_gradient_is_first_order_only_and_never_silently_differentiated_twice():
+    u = torch.tensor([[5.0], [50.0]], dtype=torch.float64, requires_grad=True)
+    out = fixed_gate(e_max=1e4, e_cut=10.0).energy(u)
+    grad, = torch.autograd.grad(out.sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
