@@ -29,10 +29,16 @@ interleaved so that a burst of load hits them all alike; the table shows the bes
 each (and the median iteration). Shares are (forward + backward) / best whole iteration.
 Run with one thread and nothing else heavy: the load average is printed with the table.
 
+With ``--operations`` it counts, instead of timing, the tensor operations each component and
+a whole iteration dispatch (forward and backward). The count does not depend on the batch
+size, and on a GPU each operation costs at least one kernel launch of a few
+microseconds of host time: a model that dispatches thousands per iteration is bound by
+launches there, not by arithmetic.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/profile_iteration.py [--batch 512] [--repeats 15]
-        [--iters 5] [--rest-spline-bins 8] [--data-dir DIR]
+        [--iters 5] [--rest-spline-bins 8] [--data-dir DIR] [--operations]
 """
 
 from __future__ import annotations
@@ -218,6 +224,60 @@ def profile(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], float, 
     return rows, 1e3 * step, 1e3 * min(iterations), 1e3 * float(np.median(iterations))
 
 
+class OperationCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensor operations dispatched inside it (views and in-place ones included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], int, int]:
+    """Operations of each component (forward, backward) and of one whole trainer iteration
+    (the mean of ``args.iters``, after a warm-up call); the optimiser step's included."""
+    gen = parts["gen"]
+    pieces = components(gen, parts["target"], parts["train"], args.batch)
+    trainer = make_trainer(gen, parts["settings"])
+    params = list(gen.parameters())
+    rows = []
+    for part in pieces:
+        call_once(part, params)  # warm-up: lazy set-up is not counted
+        leaves = _leaves(part["inputs"])
+        with OperationCount() as forward:
+            out = part["fn"](*leaves)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+        with OperationCount() as backward:
+            torch.autograd.backward(outs, grad_tensors=part["cotangents"])
+        rows.append((part["name"], forward.count, backward.count, part["in_iteration"]))
+    iteration_seconds(trainer, parts["settings"], parts["train"], args.batch, 1)
+    with OperationCount() as whole:
+        iteration_seconds(trainer, parts["settings"], parts["train"], args.batch, args.iters)
+    with OperationCount() as step:
+        optimizer_step_seconds(trainer)
+    return rows, step.count, whole.count // args.iters
+
+
+def print_operations(rows: list[tuple], step: int, total: int, header: str) -> None:
+    """The table of operation counts: component, forward, backward, share of an iteration."""
+    print(header)
+    print(f"{'component':<44} {'fwd ops':>8} {'bwd ops':>8} {'share':>7}")
+    counted = 0
+    for name, fwd, bwd, in_iteration in rows:
+        part = fwd + (bwd if in_iteration else 0)
+        counted += part
+        mark = "" if in_iteration else "*"
+        print(f"{name:<44} {fwd:8d} {bwd:7d}{mark:1} {100 * part / total:6.1f}%")
+    print(f"{'optimiser: clip_grad_norm + Adam step':<44} {step:8d} {'':>8} {100 * step / total:6.1f}%")
+    rest = total - counted - step
+    print(f"{'rest (gate, losses, grad bookkeeping, ...)':<44} {rest:8d} {'':>8} {100 * rest / total:6.1f}%")
+    print(f"{'whole ProgressiveKLTrainer iteration':<44} {total:8d} {'':>8} {100.0:6.1f}%")
+    print("* backward not part of an iteration (the MD frames carry no gradient); left out of the shares")
+
+
 def print_table(rows: list[tuple], step_ms: float, total_ms: float, median_ms: float, header: str) -> None:
     """The table: component, forward ms, backward ms, share of the whole iteration (best)."""
     print(header)
@@ -245,8 +305,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=5, help="trainer iterations per round")
     parser.add_argument("--rest-spline-bins", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--operations", action="store_true", help="count tensor operations instead of timing")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", TrainingHealthWarning)
+    if args.operations:
+        rows, step, total = count_operations(build(args), args)
+        print_operations(rows, step, total, f"{EXPERIMENT}: tensor operations per call, rest_spline_bins "
+                         f"{args.rest_spline_bins}, on the CPU (the same at any batch size; on CUDA Adam's "
+                         f"multi-tensor step dispatches fewer)")
+        return dict(rows=rows, step=step, total=total)
     load_before = os.getloadavg()
     rows, step_ms, total_ms, median_ms = profile(build(args), args)
     load_after = os.getloadavg()
