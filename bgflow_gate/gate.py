@@ -320,10 +320,13 @@ class ScheduledEnergyGate(bg.Energy):
             out = out + torch.where(torch.zeros_like(gated), guarded[0].flatten(1)[:, 0], 0.0)
         self._stats.current.update(u.detach(), reasons, scale=self._unit_in_kjmol)
         last = self._last
+        last.above, last.e_cut = None, e_cut  # computed when asked for (kl_terms, last_above_cut)
+        if len(batch_shape) == 1:  # the usual [n, dim] batch: no reshaping (each costs a dispatch)
+            last.gated, last.reasons, last.raw = gated, reasons, raw.detach()
+            return out.unsqueeze(1)
         last.gated = gated.reshape(batch_shape)
         last.reasons = reasons.reshape(batch_shape)
         last.raw = raw.detach().reshape(*batch_shape, 1)
-        last.above, last.e_cut = None, e_cut  # computed when asked for (kl_terms, last_above_cut)
         return out.reshape(*batch_shape, 1)
 
     def kl_terms(self, energy: torch.Tensor, dlogp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
