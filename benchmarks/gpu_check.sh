@@ -8,6 +8,9 @@
 #      system snapshot and data; skipped unless `make_gpu_cache.py --experiment` wrote them);
 #   5. with --full NAME: the packaged experiment NAME, unshortened, on the device (its data
 #      from `make_gpu_cache.py --full NAME`; time limit --full-limit seconds, default 400).
+#      Its run directory is ${TMPDIR:-/tmp}/gpu_check_full/NAME: a run stopped by the limit
+#      resumes there on the next call while the machine is the same one (a warm machine
+#      keeps its files); --skip-checks leaves steps 1-4 out of that call.
 #
 # What it needs travels in gpu_cache/ (git-ignored; write it here with
 # `python benchmarks/make_gpu_cache.py`, where OpenMM is installed, and carry "gpu_cache").
@@ -17,18 +20,21 @@
 #   bash benchmarks/gpu_check.sh --device cpu     # a dry run here (smaller batches; the
 #                                                 # experiment takes minutes on 2 cores)
 #   bash benchmarks/gpu_check.sh --full aa_vacuum_is   # steps 1-4, then aa_vacuum_is in full
+#   bash benchmarks/gpu_check.sh --skip-checks --full aa_vacuum_is   # ... and where it stopped
 # Logs go to $OUT (the device machine's output folder) or ./gpu_check_out.
 
 set -uo pipefail
 DEVICE=cuda
 FULL=""
 FULL_LIMIT=400
+CHECKS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --full) FULL="$2"; shift 2 ;;
         --full-limit) FULL_LIMIT="$2"; shift 2 ;;
-        *) echo "unknown argument $1 (usage: gpu_check.sh [--device cuda|cpu] [--full NAME [--full-limit SECONDS]])"; exit 2 ;;
+        --skip-checks) CHECKS=0; shift ;;
+        *) echo "unknown argument $1 (usage: gpu_check.sh [--device cuda|cpu] [--skip-checks] [--full NAME [--full-limit SECONDS]])"; exit 2 ;;
     esac
 done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,22 +73,26 @@ else
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
-step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
-step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
-step bench_trainer 75 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
-if [ -f "$CACHE/experiments.yaml" ]; then
-    RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
-    step aa_300_450_gpu "$EXPERIMENT_LIMIT" "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
-        --experiment aa_300_450_gpu --device "$DEVICE" --data-dir "$CACHE/data" --out "$RUN"
-    cp "$RUN/summary.json" "$LOGS/aa_300_450_gpu_summary.json" 2>/dev/null
-else
-    echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (make_gpu_cache.py --experiment writes it)"
+if [ "$CHECKS" -eq 1 ]; then
+    step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
+    step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
+    step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
+    step bench_trainer 75 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
+    if [ -f "$CACHE/experiments.yaml" ]; then
+        RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
+        step aa_300_450_gpu "$EXPERIMENT_LIMIT" "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \
+            --experiment aa_300_450_gpu --device "$DEVICE" --data-dir "$CACHE/data" --out "$RUN"
+        cp "$RUN/summary.json" "$LOGS/aa_300_450_gpu_summary.json" 2>/dev/null
+    else
+        echo "=== aa_300_450_gpu skipped: no gpu_cache/experiments.yaml (make_gpu_cache.py --experiment writes it)"
+    fi
 fi
 if [ -n "$FULL" ]; then
-    RUN="$(mktemp -d)/$FULL"
+    RUN="${TMPDIR:-/tmp}/gpu_check_full/$FULL"
+    RESUME=""
+    if [ -d "$RUN" ]; then RESUME="--resume"; echo "=== $FULL: resuming the run in $RUN"; fi
     step "$FULL" "$FULL_LIMIT" "$PY" -m bgflow_gate.cli train --experiment "$FULL" --device "$DEVICE" \
-        --data-dir "$CACHE/data" --out "$RUN"
+        --data-dir "$CACHE/data" --out "$RUN" $RESUME
     cp "$RUN/summary.json" "$LOGS/${FULL}_summary.json" 2>/dev/null
 fi
 echo "=== done in $(( SECONDS - START )) s; $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'some step FAILED')"
