@@ -138,8 +138,8 @@ def _add_train(sub) -> None:
     train = sub.add_parser(
         "train", help="train a Boltzmann generator for alanine dipeptide end to end",
         description=(
-            "Data (replica exchange, cached, checked) -> the experiment's route: spline generator on internal "
-            "coordinates -> NLL stage -> mixed NLL+KL stage with the energy gate, beside an NLL-only control of "
+            "Data (replica exchange, cached, checked) -> the experiment's route: the generator of model.kind "
+            "(spline or physical) -> NLL stage -> mixed NLL+KL stage with the energy gate, beside an NLL-only control of "
             "equal length (training.route nll_then_mixed); or the physically initialised generator trained by "
             "gated reverse KL alone, no MD data (kl_only) -> evaluation against the MD test frames -> "
             "summary.json and plots in the run directory."
