@@ -4,6 +4,8 @@
 #   1. the CUDA-marked tests (pytest -m cuda tests/test_torch_energy.py),
 #   2. the torch-energy benchmark (batch 256 ... 65,536, float32 and float64),
 #   3. the gate and trainer benchmarks,
+#   3b. with aa_vacuum_is's data in the cache (make_gpu_cache.py --full aa_vacuum_is): where
+#      the time of its training iteration goes, at batch 512 and 2,048 (profile_iteration.py);
 #   4. a shortened aa_300_450_gpu experiment (the pipeline's torch energy from the cached
 #      system snapshot and data; skipped unless `make_gpu_cache.py --experiment` wrote them);
 #   5. with --full NAME: the packaged experiment NAME, unshortened, on the device (its data
@@ -78,6 +80,12 @@ if [ "$CHECKS" -eq 1 ]; then
     step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
     step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
     step bench_trainer 75 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
+    if ls "$CACHE"/data/alanine_vacuum_*.npz >/dev/null 2>&1; then  # make_gpu_cache.py --full aa_vacuum_is
+        for BATCH in 512 2048; do  # does a 4x batch cost more per iteration here?
+            step "profile_iteration_$BATCH" 60 "$PY" benchmarks/profile_iteration.py --device "$DEVICE" \
+                --data-dir "$CACHE/data" --batch "$BATCH" --repeats 3 --iters 3
+        done
+    fi
     if [ -f "$CACHE/experiments.yaml" ]; then
         RUN="$(mktemp -d)/aa_300_450_gpu"  # the run directory stays here; its summary joins the logs
         step aa_300_450_gpu "$EXPERIMENT_LIMIT" "$PY" -m bgflow_gate.cli train --config "$CACHE/experiments.yaml" \

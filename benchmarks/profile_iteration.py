@@ -38,7 +38,11 @@ launches there, not by arithmetic.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/profile_iteration.py [--batch 512] [--repeats 15]
-        [--iters 5] [--rest-spline-bins 8] [--data-dir DIR] [--operations]
+        [--iters 5] [--rest-spline-bins 8] [--data-dir DIR] [--operations] [--device cuda]
+
+Without OpenMM (a GPU machine) it builds everything from ``--data-dir``'s cached data and system
+snapshot (``benchmarks/make_gpu_cache.py --full aa_vacuum_is`` writes them), as
+``bgflow-gate train`` does.
 """
 
 from __future__ import annotations
@@ -53,41 +57,40 @@ import torch
 
 from bgflow_gate import ProgressiveKLTrainer, TrainingHealthWarning
 from bgflow_gate.config import DEFAULT_CONFIG, load_experiments, run_settings
-from bgflow_gate.pipeline import make_target
-from bgflow_gate.systems.alanine import alanine_dipeptide
-from bgflow_gate.systems.data import generate_dataset
-from bgflow_gate.systems.physical import ALL_ROTORS, minimized_positions, physical_generator
+from bgflow_gate.distributed import Ranks
+from bgflow_gate.pipeline import RunContext
 
 EXPERIMENT = "aa_vacuum_is"
 
 
 def build(args: argparse.Namespace) -> dict:
-    """The experiment's settings, generator, target and MD training frames.
+    """The experiment's settings, generator, target and MD training frames, built by the
+    pipeline's :class:`~bgflow_gate.pipeline.RunContext` (without OpenMM from the data
+    directory's system snapshot, as ``bgflow-gate train`` does), on ``args.device``.
 
     Parameters
     ----------
     args : argparse.Namespace
-        The command line (``rest_spline_bins``, ``data_dir``).
+        The command line (``rest_spline_bins``, ``data_dir``, ``device``).
 
     Returns
     -------
     dict
         ``settings``, ``gen`` (the BoltzmannGenerator), ``target`` and ``train``
-        (float32 ``[n, 66]`` frames, the training split).
+        (``[n, 66]`` frames of the training split, on the device).
     """
-    settings = run_settings(load_experiments(DEFAULT_CONFIG), EXPERIMENT, device="cpu")
-    m, t = settings["model"], settings["training"]
-    dataset = generate_dataset(settings["data"], args.data_dir, progress=False)
-    system = alanine_dipeptide(settings["data"].solvent)
-    target, _ = make_target(system, settings["data"].t_min, settings["energy"])
-    torch.manual_seed(t["seed"])
-    gen = physical_generator(
-        system, target, rotors=ALL_ROTORS, positions=minimized_positions(system), hidden=m["hidden"],
-        n_torsion_layers=m["n_torsion_layers"], n_rest_layers=m["n_rest_layers"], n_bins=m["n_bins"],
-        rest_spline_bins=args.rest_spline_bins, dtype=getattr(torch, m["dtype"]),
-    )
-    train = torch.as_tensor(dataset.split(t["test_fraction"])[0], dtype=torch.float32)
-    return dict(settings=settings, gen=gen, target=target, train=train)
+    settings = run_settings(load_experiments(DEFAULT_CONFIG), EXPERIMENT, device=args.device)
+    settings["model"]["rest_spline_bins"] = args.rest_spline_bins
+    ctx = RunContext(settings, args.data_dir, lambda line: None, False, Ranks.default())
+    torch.manual_seed(settings["training"]["seed"])
+    gen, _ = ctx.generator()
+    return dict(settings=settings, gen=gen, target=ctx.target, train=ctx.train)
+
+
+def _synchronize(x: torch.Tensor) -> None:
+    """Wait for the device's queued work (a CUDA timer would otherwise time the launches only)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 def _leaves(inputs) -> list[torch.Tensor]:
@@ -112,8 +115,10 @@ def call_once(part: dict, params) -> tuple[float, float]:
         ``(forward s, backward s)``.
     """
     leaves = _leaves(part["inputs"])
+    _synchronize(leaves[0])
     start = time.perf_counter()
     out = part["fn"](*leaves)
+    _synchronize(leaves[0])
     fwd = time.perf_counter() - start
     outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
     if "cotangents" not in part:
@@ -122,6 +127,7 @@ def call_once(part: dict, params) -> tuple[float, float]:
         p.grad = None
     start = time.perf_counter()
     torch.autograd.backward(outs, grad_tensors=part["cotangents"])
+    _synchronize(leaves[0])
     return fwd, time.perf_counter() - start
 
 
@@ -177,8 +183,10 @@ def iteration_seconds(trainer, settings: dict, train: torch.Tensor, batch: int, 
 
     def stamped(iterations):
         for i in iterations:
+            _synchronize(train)
             stamps.append(time.perf_counter())
             yield i
+        _synchronize(train)
         stamps.append(time.perf_counter())
 
     trainer.train(iters, data=train, batchsize=batch, w_likelihood=t["w_likelihood"], w_energy=t["w_energy"],
@@ -189,9 +197,11 @@ def iteration_seconds(trainer, settings: dict, train: torch.Tensor, batch: int, 
 def optimizer_step_seconds(trainer) -> float:
     """Seconds of gradient clipping + ``optim.step()`` on the gradients the trainer left."""
     params = [p for group in trainer.optim.param_groups for p in group["params"] if p.grad is not None]
+    _synchronize(params[0])
     start = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
     trainer.optim.step()
+    _synchronize(params[0])
     return time.perf_counter() - start
 
 
@@ -306,6 +316,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rest-spline-bins", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--operations", action="store_true", help="count tensor operations instead of timing")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", TrainingHealthWarning)
     if args.operations:
@@ -317,7 +328,7 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     rows, step_ms, total_ms, median_ms = profile(build(args), args)
     load_after = os.getloadavg()
-    header = (f"{EXPERIMENT}: batch {args.batch}, rest_spline_bins {args.rest_spline_bins}, best of "
+    header = (f"{EXPERIMENT} on {args.device}: batch {args.batch}, rest_spline_bins {args.rest_spline_bins}, best of "
               f"{args.repeats} rounds ({args.iters} iterations each); torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s); load average {load_before[0]:.2f} before, "
               f"{load_after[0]:.2f} after")
