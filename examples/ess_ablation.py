@@ -41,6 +41,7 @@ VARIANTS = {
     # time (an iteration there is bound by kernel launches, not by the batch)
     "batch_2048": {"training": {"batch_size": 2048}},
     "mixed_240": {"training": {"mixed_epochs": 240}},  # the gated stage 3x as long (the control too)
+    "more_data": {"data": {"n_iterations": 80000}},  # 80,000 frames (8 ns per replica) instead of 40,000
     # 8,000 frames of 6 replicas 300-700 K (2 ns) instead of 40,000 (4 ns); no rollback
     "kl_weight_0.9_less_data": {"data": "aa_300_450_cpu",
                                 "training": {"w_likelihood": 0.1, "w_energy": 0.9, "rollback_tolerance": None}},
