@@ -69,20 +69,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, report
 }
 
 if [ "$DEVICE" = cuda ]; then
-    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024; EXPERIMENT_LIMIT=165
+    SIZES=256,1024,4096,16384,65536; GATE_SIZES=256,4096,65536; TRAIN_BATCH=1024; EXPERIMENT_LIMIT=120
 else
     SIZES=256,1024; GATE_SIZES=256,4096; TRAIN_BATCH=256; EXPERIMENT_LIMIT=600
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
 if [ "$CHECKS" -eq 1 ]; then
-    step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
-    step bench_energy 120 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
-    step bench_gate 60 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
-    step bench_trainer 75 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
+    step cuda_tests 60 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_torch_energy.py
+    step bench_energy 90 "$PY" benchmarks/bench_energy.py --only torch --device "$DEVICE" --cache "$CACHE" --sizes "$SIZES"
+    step bench_gate 45 "$PY" benchmarks/bench_gate.py --device "$DEVICE" --sizes "$GATE_SIZES" --repeats 10
+    step bench_trainer 60 "$PY" benchmarks/bench_trainer.py --device "$DEVICE" --batch "$TRAIN_BATCH" --iters 20 --repeats 2 --profile 5
     if ls "$CACHE"/data/alanine_vacuum_*.npz >/dev/null 2>&1; then  # make_gpu_cache.py --full aa_vacuum_is
         for BATCH in 512 2048; do  # does a 4x batch cost more per iteration here?
-            step "profile_iteration_$BATCH" 60 "$PY" benchmarks/profile_iteration.py --device "$DEVICE" \
+            step "profile_iteration_$BATCH" 40 "$PY" benchmarks/profile_iteration.py --device "$DEVICE" \
                 --data-dir "$CACHE/data" --batch "$BATCH" --repeats 3 --iters 3
         done
     fi
