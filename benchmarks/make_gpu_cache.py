@@ -76,6 +76,13 @@ def download_wheels(out: Path) -> None:
         print(f"wrote the wheel of {pinned} into {wheels}")
 
 
+def write_data(name: str, data: Path, *options: str) -> None:
+    """``bgflow-gate data --experiment name --data-dir data [options]`` (the system snapshot
+    too; loads the data when they are cached there, else runs the replica exchange)."""
+    command = [sys.executable, "-m", "bgflow_gate.cli", "data", "--experiment", name, *options, "--data-dir", str(data)]
+    subprocess.run(command, check=True)
+
+
 def write_short_experiment(out: Path) -> None:
     """``experiments.yaml`` with ``aa_300_450_gpu`` shortened, and its data in ``out / "data"``."""
     import yaml
@@ -86,9 +93,7 @@ def write_short_experiment(out: Path) -> None:
     for section, changes in SHORT_GPU_RUN.items():
         run[section] = {**run.get(section, {}), **changes}
     (out / "experiments.yaml").write_text(yaml.safe_dump(experiments, sort_keys=False))
-    command = [sys.executable, "-m", "bgflow_gate.cli", "data", "--experiment", "aa_300_450_gpu",
-               "--config", str(out / "experiments.yaml"), "--data-dir", str(out / "data")]
-    subprocess.run(command, check=True)
+    write_data("aa_300_450_gpu", out / "data", "--config", str(out / "experiments.yaml"))
     print(f"wrote {out / 'experiments.yaml'} and the data of the shortened aa_300_450_gpu into {out / 'data'}")
 
 
@@ -105,8 +110,7 @@ def write_full_experiment(name: str, out: Path) -> None:
     file = f"alanine_{settings.solvent}_{settings.key}.npz"
     if (default_data_dir() / file).is_file() and not (data / file).is_file():
         shutil.copy2(default_data_dir() / file, data / file)
-    command = [sys.executable, "-m", "bgflow_gate.cli", "data", "--experiment", name, "--data-dir", str(data)]
-    subprocess.run(command, check=True)
+    write_data(name, data)
     print(f"wrote the data of {name} into {data}")
 
 

@@ -61,6 +61,7 @@ from bgflow_gate.distributed import Ranks
 from bgflow_gate.pipeline import RunContext
 
 EXPERIMENT = "aa_vacuum_is"
+FOOTNOTE = "* backward not part of an iteration (the MD frames carry no gradient); left out of the shares"
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -97,8 +98,39 @@ def _leaves(inputs) -> list[torch.Tensor]:
     return [x.detach().clone().requires_grad_(True) for x in inputs]
 
 
-def call_once(part: dict, params) -> tuple[float, float]:
-    """Seconds of one forward and one backward of a component, on fresh leaf inputs.
+class Seconds:
+    """Wall seconds of the ``with`` block in ``value``, the device's queued work included
+    (``x``: a tensor on the device)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.value = x, 0.0
+
+    def __enter__(self) -> "Seconds":
+        _synchronize(self.x)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _synchronize(self.x)
+        self.value = time.perf_counter() - self.start
+
+
+class OperationCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensor operations dispatched inside the ``with`` block, in ``value`` (views
+    and in-place ones included); built like :class:`Seconds` (``x`` is not needed)."""
+
+    def __init__(self, x: torch.Tensor | None = None):
+        super().__init__()
+        self.value = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.value += 1
+        return func(*args, **(kwargs or {}))
+
+
+def call_once(part: dict, params, meter=Seconds) -> tuple[float, float]:
+    """Seconds (or what ``meter`` measures) of one forward and one backward of a component,
+    on fresh leaf inputs.
 
     Parameters
     ----------
@@ -107,28 +139,26 @@ def call_once(part: dict, params) -> tuple[float, float]:
         that require grad), ``sum_only`` (backpropagate the sum instead of a random cotangent);
         the cotangents are drawn on the first call and stored in it as ``cotangents``.
     params : sequence of torch.nn.Parameter
-        Whose gradients are cleared before the backward (outside the timing).
+        Whose gradients are cleared before the backward (outside the measurement).
+    meter : type
+        :class:`Seconds` or :class:`OperationCount`.
 
     Returns
     -------
-    tuple of float
-        ``(forward s, backward s)``.
+    tuple
+        ``(forward, backward)``: seconds, or operations.
     """
     leaves = _leaves(part["inputs"])
-    _synchronize(leaves[0])
-    start = time.perf_counter()
-    out = part["fn"](*leaves)
-    _synchronize(leaves[0])
-    fwd = time.perf_counter() - start
+    with meter(leaves[0]) as forward:
+        out = part["fn"](*leaves)
     outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
     if "cotangents" not in part:
         part["cotangents"] = [torch.ones_like(o) if part["sum_only"] else torch.randn_like(o) for o in outs]
     for p in params:
         p.grad = None
-    start = time.perf_counter()
-    torch.autograd.backward(outs, grad_tensors=part["cotangents"])
-    _synchronize(leaves[0])
-    return fwd, time.perf_counter() - start
+    with meter(leaves[0]) as backward:
+        torch.autograd.backward(outs, grad_tensors=part["cotangents"])
+    return forward.value, backward.value
 
 
 def components(gen, target, train: torch.Tensor, batch: int) -> list[dict]:
@@ -197,12 +227,10 @@ def iteration_seconds(trainer, settings: dict, train: torch.Tensor, batch: int, 
 def optimizer_step_seconds(trainer) -> float:
     """Seconds of gradient clipping + ``optim.step()`` on the gradients the trainer left."""
     params = [p for group in trainer.optim.param_groups for p in group["params"] if p.grad is not None]
-    _synchronize(params[0])
-    start = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
-    trainer.optim.step()
-    _synchronize(params[0])
-    return time.perf_counter() - start
+    with Seconds(params[0]) as seconds:
+        torch.nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
+        trainer.optim.step()
+    return seconds.value
 
 
 def profile(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], float, float, float]:
@@ -234,18 +262,6 @@ def profile(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], float, 
     return rows, 1e3 * step, 1e3 * min(iterations), 1e3 * float(np.median(iterations))
 
 
-class OperationCount(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the tensor operations dispatched inside it (views and in-place ones included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_operations(parts: dict, args: argparse.Namespace) -> tuple[list[tuple], int, int]:
     """Operations of each component (forward, backward) and of one whole trainer iteration
     (the mean of ``args.iters``, after a warm-up call); the optimiser step's included."""
@@ -256,55 +272,31 @@ def count_operations(parts: dict, args: argparse.Namespace) -> tuple[list[tuple]
     rows = []
     for part in pieces:
         call_once(part, params)  # warm-up: lazy set-up is not counted
-        leaves = _leaves(part["inputs"])
-        with OperationCount() as forward:
-            out = part["fn"](*leaves)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
-        with OperationCount() as backward:
-            torch.autograd.backward(outs, grad_tensors=part["cotangents"])
-        rows.append((part["name"], forward.count, backward.count, part["in_iteration"]))
+        rows.append((part["name"], *call_once(part, params, OperationCount), part["in_iteration"]))
     iteration_seconds(trainer, parts["settings"], parts["train"], args.batch, 1)
     with OperationCount() as whole:
         iteration_seconds(trainer, parts["settings"], parts["train"], args.batch, args.iters)
     with OperationCount() as step:
         optimizer_step_seconds(trainer)
-    return rows, step.count, whole.count // args.iters
+    return rows, step.value, whole.value // args.iters
 
 
-def print_operations(rows: list[tuple], step: int, total: int, header: str) -> None:
-    """The table of operation counts: component, forward, backward, share of an iteration."""
+def print_shares(rows: list[tuple], step, total, header: str, unit: str = "ms", best: str = " (best)") -> None:
+    """The table: component, forward, backward (``unit``: ms or ops), share of the whole
+    iteration; the optimiser step and the rest (what the components leave) below them."""
+    number = (lambda v, w: f"{v:{w}d}") if unit == "ops" else (lambda v, w: f"{v:{w}.1f}")
     print(header)
-    print(f"{'component':<44} {'fwd ops':>8} {'bwd ops':>8} {'share':>7}")
+    print(f"{'component':<44} {'fwd ' + unit:>8} {'bwd ' + unit:>8} {'share':>7}")
     counted = 0
     for name, fwd, bwd, in_iteration in rows:
         part = fwd + (bwd if in_iteration else 0)
         counted += part
         mark = "" if in_iteration else "*"
-        print(f"{name:<44} {fwd:8d} {bwd:7d}{mark:1} {100 * part / total:6.1f}%")
-    print(f"{'optimiser: clip_grad_norm + Adam step':<44} {step:8d} {'':>8} {100 * step / total:6.1f}%")
+        print(f"{name:<44} {number(fwd, 8)} {number(bwd, 7)}{mark:1} {100 * part / total:6.1f}%")
+    print(f"{'optimiser: clip_grad_norm + Adam step':<44} {number(step, 8)} {'':>8} {100 * step / total:6.1f}%")
     rest = total - counted - step
-    print(f"{'rest (gate, losses, grad bookkeeping, ...)':<44} {rest:8d} {'':>8} {100 * rest / total:6.1f}%")
-    print(f"{'whole ProgressiveKLTrainer iteration':<44} {total:8d} {'':>8} {100.0:6.1f}%")
-    print("* backward not part of an iteration (the MD frames carry no gradient); left out of the shares")
-
-
-def print_table(rows: list[tuple], step_ms: float, total_ms: float, median_ms: float, header: str) -> None:
-    """The table: component, forward ms, backward ms, share of the whole iteration (best)."""
-    print(header)
-    print(f"{'component':<44} {'fwd ms':>8} {'bwd ms':>8} {'share':>7}")
-    counted = 0.0
-    for name, fwd, bwd, in_iteration in rows:
-        part = fwd + (bwd if in_iteration else 0.0)
-        counted += part
-        mark = "" if in_iteration else "*"
-        print(f"{name:<44} {fwd:8.1f} {bwd:7.1f}{mark:1} {100 * part / total_ms:6.1f}%")
-    counted += step_ms
-    print(f"{'optimiser: clip_grad_norm + Adam step':<44} {step_ms:8.1f} {'':>8} {100 * step_ms / total_ms:6.1f}%")
-    rest = total_ms - counted
-    print(f"{'rest (gate, losses, grad bookkeeping, ...)':<44} {rest:8.1f} {'':>8} {100 * rest / total_ms:6.1f}%")
-    print(f"{'whole ProgressiveKLTrainer iteration (best)':<44} {total_ms:8.1f} {'':>8} {100.0:6.1f}%")
-    print(f"{'whole ProgressiveKLTrainer iteration (median)':<44} {median_ms:8.1f}")
-    print("* backward not part of an iteration (the MD frames carry no gradient); left out of the shares")
+    print(f"{'rest (gate, losses, grad bookkeeping, ...)':<44} {number(rest, 8)} {'':>8} {100 * rest / total:6.1f}%")
+    print(f"{'whole ProgressiveKLTrainer iteration' + best:<44} {number(total, 8)} {'':>8} {100.0:6.1f}%")
 
 
 def main(argv=None) -> dict:
@@ -321,9 +313,10 @@ def main(argv=None) -> dict:
     warnings.simplefilter("ignore", TrainingHealthWarning)
     if args.operations:
         rows, step, total = count_operations(build(args), args)
-        print_operations(rows, step, total, f"{EXPERIMENT}: tensor operations per call, rest_spline_bins "
-                         f"{args.rest_spline_bins}, on the CPU (the same at any batch size; on CUDA Adam's "
-                         f"multi-tensor step dispatches fewer)")
+        print_shares(rows, step, total, f"{EXPERIMENT}: tensor operations per call, rest_spline_bins "
+                     f"{args.rest_spline_bins}, on {args.device} (the same at any batch size; on CUDA Adam's "
+                     f"multi-tensor step dispatches fewer)", unit="ops", best="")
+        print(FOOTNOTE)
         return dict(rows=rows, step=step, total=total)
     load_before = os.getloadavg()
     rows, step_ms, total_ms, median_ms = profile(build(args), args)
@@ -332,7 +325,9 @@ def main(argv=None) -> dict:
               f"{args.repeats} rounds ({args.iters} iterations each); torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s); load average {load_before[0]:.2f} before, "
               f"{load_after[0]:.2f} after")
-    print_table(rows, step_ms, total_ms, median_ms, header)
+    print_shares(rows, step_ms, total_ms, header)
+    print(f"{'whole ProgressiveKLTrainer iteration (median)':<44} {median_ms:8.1f}")
+    print(FOOTNOTE)
     return dict(rows=rows, step_ms=step_ms, total_ms=total_ms, median_ms=median_ms)
 
 
